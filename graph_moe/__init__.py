@@ -1,0 +1,1 @@
+"""graph_moe: rewrite the expert loops of Mixture-of-Experts models into grouped GEMMs under torch.compile."""

@@ -1,0 +1,60 @@
+"""The `torch.compile` backend: run the graph_moe pass on each captured graph, then an inner compiler."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch._dynamo.backends import registry
+
+from graph_moe.passes import rewrite_moe_loops
+from graph_moe.report import LoopReport, record
+
+log = logging.getLogger("graph_moe")
+
+INNER = ("inductor", "aot_eager", "eager")
+
+
+def _inductor(gm, example_inputs, mode: str | None, options: dict | None):
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(options or {})
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
+                 fuse_projections: bool = True, on_reports: Callable[[list[LoopReport]], Any] | None = None):
+    """Build a graph_moe backend.
+
+    inner: "inductor" (default), "aot_eager", "eager", or any backend callable, run on the rewritten graph.
+    mode/options: Inductor's `torch.compile(mode=..., options=...)`; those given to torch.compile win.
+    fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
+    on_reports: called with the LoopReports of every captured graph (graph_moe.explain uses it).
+    """
+    if isinstance(inner, str) and inner not in INNER:
+        raise ValueError(f"graph_moe: inner compiler must be one of {INNER} or a backend callable, not {inner!r}")
+
+    def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections)
+        record(reports)
+        if on_reports is not None:
+            on_reports(reports)
+        if callable(inner):
+            return inner(gm, example_inputs, **kwargs)
+        if inner == "inductor":
+            return _inductor(gm, example_inputs, kwargs.get("mode", mode), {**(options or {}), **(kwargs.get("options") or {})})
+        return registry.lookup_backend(inner)(gm, example_inputs)
+
+    graph_moe_backend.inner = inner
+    return graph_moe_backend
+
+
+backend = make_backend()
+backend.__name__ = "graph_moe"
+
+# Registered on import for `backend="graph_moe"`; the `torch_dynamo_backends` entry point finds it
+# without an import, and torch registers it itself then (registering twice would raise).
+if registry._BACKENDS.get("graph_moe") is None and "graph_moe" not in registry._COMPILER_FNS:
+    registry.register_backend(backend, name="graph_moe")

@@ -1,0 +1,106 @@
+"""Swap the forward of each supported MoE block instance for its traceable twin (see families.py).
+
+The forward is set on the INSTANCE, never on the class: Unsloth regenerates model classes (class patches would be
+lost) and other models of the same class in the process stay untouched. Parameters, buffers and submodules are
+not touched, so `state_dict()`, PEFT wrappers, quantized Linears and hooks on the experts keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+from typing import Callable
+
+from torch import nn
+
+from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
+
+log = logging.getLogger("graph_moe")
+
+_MARK = "_graph_moe_installed"  # instance attribute holding the form label of the replaced loop
+
+
+@dataclasses.dataclass
+class BlockEntry:
+    path: str
+    class_name: str
+    form: str | None
+    num_experts: int | None
+    top_k: int | None
+    status: str  # "installed", "already installed" or "not supported: <reason>"
+
+
+@dataclasses.dataclass
+class InstallReport:
+    blocks: list[BlockEntry] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_installed(self) -> int:
+        return sum(b.status == "installed" for b in self.blocks)
+
+    def __str__(self) -> str:
+        header = ("module", "class", "form", "experts", "top_k", "status")
+        rows = [header] + [
+            (b.path, b.class_name, b.form or "-", str(b.num_experts), str(b.top_k), b.status) for b in self.blocks
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _is_ours(block: nn.Module) -> bool:
+    forward = block.__dict__.get("forward")
+    return getattr(forward, "__func__", None) in TRACEABLE_FORWARDS
+
+
+def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None) -> InstallReport:
+    """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
+
+    Idempotent, and safe after PEFT wrapping: blocks are found wherever they sit in `model.named_modules()`.
+    """
+    report = InstallReport()
+    for path, block in model.named_modules():
+        if not is_moe_candidate(block) or (filter_fn is not None and not filter_fn(path, block)):
+            continue
+        family = FAMILIES.get(type(block).__name__)
+        entry = BlockEntry(
+            path=path,
+            class_name=type(block).__name__,
+            form=family.form if family else None,
+            num_experts=getattr(block, "num_experts", None),
+            top_k=getattr(block, "top_k", None),
+            status="installed",
+        )
+        reason = unsupported_reason(block)
+        if _is_ours(block):
+            entry.status = "already installed"
+        elif reason is not None:
+            entry.status = f"not supported: {reason}"
+        elif "forward" in block.__dict__:
+            # Someone else (an accelerate hook, Unsloth's grouped forward) owns this instance's forward.
+            entry.status = "not supported: forward already replaced on the instance"
+        else:
+            block.forward = types.MethodType(family.forward, block)
+            setattr(block, _MARK, family.form)
+        report.blocks.append(entry)
+    log.info(
+        "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
+        report.num_installed,
+        sum(b.status == "already installed" for b in report.blocks),
+        sum(b.status.startswith("not supported") for b in report.blocks),
+    )
+    return report
+
+
+def uninstall(model: nn.Module) -> int:
+    """Restore the class forward on every block `install` touched; returns how many blocks were restored."""
+    restored = 0
+    for _, block in model.named_modules():
+        if _is_ours(block):
+            del block.forward
+            restored += 1
+        if _MARK in block.__dict__:
+            delattr(block, _MARK)
+    return restored

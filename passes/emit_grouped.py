@@ -1,0 +1,238 @@
+"""Emit the grouped form of a proven expert loop (the shape of torchtitan's grouped MoE):
+
+    flat_expert_ids, token_order = sort(ids.flatten(), stable)   rows grouped by expert
+    expert_offsets = searchsorted(flat_expert_ids, arange(E))    int32 end offsets, no host sync
+    token_index / slot_index = token_order // K, token_order % K the coordinates torch.where gave
+    ... expert 0's body, once over all S = tokens * top_k rows, each per-expert linear as
+        torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=expert_offsets)
+    combined = rows_out[argsort(token_order)].unflatten(0, (-1, K)).sum(slot dim)
+
+The combine un-permutes and sums over the k slots: a gather and a reduction, no atomics.
+Every new node gets an `example_value`, computed on the graph's fake tensors.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+
+import torch
+import torch.fx as fx
+
+from .ops import ZERO_FACTORIES, example_value, op_name
+from .prove_bodies import ProvenLoop, Unprovable
+
+
+def _fake_mode(node: fx.Node):
+    val = example_value(node)
+    return getattr(val, "fake_mode", None)  # Dynamo's own mode; the backend's context has a fresh one
+
+
+class _Builder:
+    """Inserts named nodes before `anchor`, each with its fake example value."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode):
+        self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
+        self.new: list[fx.Node] = []
+
+    def _finish(self, node: fx.Node, name: str | None):
+        self.new.append(node)
+        if name:
+            node._rename(name)
+        args = fx.node.map_arg(node.args, example_value)
+        kwargs = fx.node.map_arg(node.kwargs, example_value)
+        with self.fake_mode:
+            if node.op == "call_method":
+                val = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                val = node.target(*args, **kwargs)
+        node.meta["example_value"] = val
+        return node
+
+    def call(self, fn, *args, name=None, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self._finish(self.graph.call_function(fn, args, kwargs), name)
+
+    def method(self, method, *args, name=None, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            return self._finish(self.graph.call_method(method, args, kwargs), name)
+
+    def copy(self, node: fx.Node, env: dict) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            new = self.graph.node_copy(node, lambda n: env.get(n, n))
+        new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "source_fn_stack", "stack_trace")}
+        return self._finish(new, None)
+
+    def size(self, node: fx.Node, dim: int):
+        s = example_value(node).shape[dim]
+        return s if isinstance(s, int) else self.method("size", node, dim)
+
+
+def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
+    return b.call(torch.stack, list(tensors), name=name)
+
+
+def _projection_name(weight: fx.Node) -> str:
+    """'gate_proj' for L['self']._modules['experts']._modules['0']._modules['gate_proj']._parameters['weight']:
+    the module path after the expert index, without the generic words."""
+    source = getattr(weight.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    text = (name() if callable(name) else name) or weight.name
+    text = re.split(r"\['\d+'\]|\[\d+\]|_modules_\d+_", text)[-1]
+    words = [w for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text.replace("_modules_", ".").replace("_parameters_", "."))
+             if w not in _NOT_NAMES and not w.startswith("_")]
+    return ".".join(words) or weight.name
+
+
+_NOT_NAMES = {"weight", "bias", "base_layer", "default", "modules", "parameters"}
+
+
+def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[str]:
+    """Rewrite the loop in place; returns the names of the grouped projections."""
+    cand = loop.candidate
+    graph = cand.accumulator.graph
+    ids = cand.ids
+    ids_val = example_value(ids)
+    fake_mode = _fake_mode(ids)
+    if fake_mode is None:
+        raise Unprovable("the graph carries no fake tensors to size the rewrite")
+    b = _Builder(graph, loop.last_step, fake_mode)
+    try:
+        result, projections = _emit_grouped(b, loop, fuse_projections)
+    except Exception as e:  # leave the graph exactly as traced
+        _drop(graph, b.new)
+        if os.environ.get("GRAPH_MOE_DEBUG"):
+            raise
+        raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
+    _reroute(loop, result)
+    return projections
+
+
+def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
+    cand = loop.candidate
+    ids = cand.ids
+    ids_val = example_value(ids)
+    # Routing: sort the (token, slot) pairs by expert.
+    flat_ids = b.method("reshape", ids, -1, name="flat_expert_ids")
+    sort = b.call(torch.sort, flat_ids, stable=True, name="sort_by_expert")
+    sorted_ids = b.call(operator.getitem, sort, 0, name="sorted_expert_ids")
+    token_order = b.call(operator.getitem, sort, 1, name="token_order")
+    experts = b.call(torch.arange, cand.num_experts, device=ids_val.device, name="expert_range")
+    offsets = b.call(torch.searchsorted, sorted_ids, experts, right=True, out_int32=True, name="expert_offsets")
+    k = b.size(ids, 1)
+    token_dim = cand.mask_dims[1 + loop.token_output]  # the ids dim that indexes accumulator rows
+    names = ("token_index", "slot_index") if token_dim == 0 else ("slot_index", "token_index")
+    coords_by_dim = [b.call(operator.floordiv, token_order, k, name=names[0]),
+                     b.call(operator.mod, token_order, k, name=names[1])]
+    # torch.where(mask[e]) output j is a coordinate along ids dim mask_dims[1 + j].
+    coords = [coords_by_dim[cand.mask_dims[1 + j]] for j in range(2)]
+
+    env: dict[fx.Node, fx.Node] = {n: coords[j] for n, j in loop.coords.items()}
+    linears = {g.node: g for g in loop.linears}
+    fused = _fusable_pairs(loop.linears) if fuse_projections else {}
+    projections = []
+    for node in loop.template:
+        if node in env:
+            continue
+        if node in linears:
+            g = linears[node]
+            partner = fused.get(node)
+            if partner is not None and partner.node in env:
+                continue  # computed with its partner
+            x = env.get(node.args[0], node.args[0])
+            if partner is not None:
+                names = f"{_projection_name(g.weights[0])}+{_projection_name(partner.weights[0])}"
+                w = b.call(torch.cat, [_stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")], 1,
+                           name="stacked_weight")
+                out = _grouped(b, x, w, offsets, [g, partner], sorted_ids, names)
+                split = b.method("split", out, [example_value(g.node).shape[-1],
+                                                example_value(partner.node).shape[-1]], -1)
+                env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
+                env[partner.node] = b.call(operator.getitem, split, 1,
+                                           name=re.sub(r"\W", "_", _projection_name(partner.weights[0])))
+                projections.append(names)
+            else:
+                name = _projection_name(g.weights[0])
+                w = _stack(b, g.weights, "stacked_weight")
+                env[node] = _grouped(b, x, w, offsets, [g], sorted_ids, name)
+                projections.append(name)
+            continue
+        env[node] = b.copy(node, env)
+
+    rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
+    inverse = b.call(torch.argsort, token_order, name="inverse_order")
+    by_token = b.method("index_select", rows_out, 0, inverse, name="rows_by_token")
+    by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
+    combined = b.method("sum", by_token, 1 - token_dim, name="expert_output")
+
+    acc = cand.accumulator
+    acc_val, comb_val = example_value(acc), example_value(combined)
+    same_shape = acc_val.dim() == comb_val.dim() and all(
+        torch.fx.experimental.symbolic_shapes.statically_known_true(a == c)
+        for a, c in zip(acc_val.shape, comb_val.shape))
+    if not same_shape or acc_val.dtype != comb_val.dtype:
+        raise Unprovable(f"the accumulator {tuple(acc_val.shape)} {acc_val.dtype} does not match the "
+                         f"combined rows {tuple(comb_val.shape)} {comb_val.dtype}")
+    result = combined if op_name(acc) in ZERO_FACTORIES else b.call(operator.add, acc, combined, name="moe_output")
+    return result, projections
+
+
+def _reroute(loop: ProvenLoop, result: fx.Node):
+    cand = loop.candidate
+    graph = result.graph
+    acc = cand.accumulator
+    # Readers of the accumulator after the loop now read the result.
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = order[loop.last_step]
+    final = loop.last_step if not cand.inplace else acc
+    for user in list(final.users):
+        if user not in loop.erase and order[user] > last:
+            user.replace_input_with(final, result)
+    for step in cand.steps:  # x.index_add_(...) returns x
+        for user in list(step.index_add.users):
+            if user not in loop.erase:
+                user.replace_input_with(step.index_add, result)
+    _drop(graph, loop.erase)
+    _drop_unused(graph, [cand.mask])
+
+
+def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
+    out = b.call(torch._grouped_mm, x, b.method("transpose", w, -2, -1), offs=offsets, name=re.sub(r"\W", "_", name))
+    if any(g.biases for g in linears):
+        if not all(g.biases for g in linears):
+            raise Unprovable("fused projections with and without bias")
+        bias = b.call(torch.cat, [_stack(b, g.biases, "bias") for g in linears], 1) if len(linears) > 1 \
+            else _stack(b, linears[0].biases, "stacked_bias")
+        out = b.call(operator.add, out, b.call(operator.getitem, bias, sorted_ids, name="row_bias"))
+    return out
+
+
+def _fusable_pairs(linears):
+    """Two per-expert linears of one input (gate and up) become one grouped GEMM."""
+    pairs = {}
+    by_input: dict[fx.Node, list] = {}
+    for g in linears:
+        by_input.setdefault(g.node.args[0], []).append(g)
+    for group in by_input.values():
+        if len(group) == 2 and bool(group[0].biases) == bool(group[1].biases):
+            a, c = group
+            pairs[a.node], pairs[c.node] = c, a
+    return pairs
+
+
+def _drop(graph: fx.Graph, nodes):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
+
+
+def _drop_unused(graph, nodes):
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n is None or n.users or op_name(n) not in ("permute", "one_hot"):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        todo.extend(inputs)

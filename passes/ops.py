@@ -1,0 +1,80 @@
+"""Names and kinds of the torch-level ops that appear in Dynamo graphs of expert loops.
+
+Dynamo graphs call torch functions (`torch._C._nn.linear`, `operator.mul`), and tensor methods
+(`call_method` "reshape"). The pass only needs an op's name and which family it belongs to.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+
+def op_name(node: fx.Node) -> str:
+    """'reshape' for x.reshape(...), 'linear' for torch._C._nn.linear(...), '' for non-calls."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target.overloadpacket.__name__
+        return getattr(node.target, "__name__", str(node.target))
+    return ""
+
+
+# Ops that compute each output element from the same element of their (broadcast) inputs.
+ELEMENTWISE = {
+    "add", "sub", "mul", "truediv", "div", "neg", "pos", "abs", "pow", "exp", "expm1", "log", "log1p",
+    "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "relu6", "gelu", "silu", "elu", "selu", "celu",
+    "leaky_relu", "softplus", "mish", "hardswish", "hardsigmoid", "hardtanh", "clamp", "clamp_min",
+    "clamp_max", "clip", "minimum", "maximum", "sin", "cos", "erf", "reciprocal", "square",
+    "to", "type", "float", "half", "bfloat16", "double", "type_as", "contiguous", "clone", "detach",
+    "dropout", "alpha_dropout", "iadd", "isub", "imul", "itruediv", "floordiv", "mod", "rsub",
+    "add_", "sub_", "mul_", "div_", "clamp_", "neg_", "sigmoid_", "tanh_", "relu_", "silu_",
+}
+
+# Ops that only change how each row is laid out (the row dimension stays outermost).
+LAYOUT = {"reshape", "view", "flatten", "unflatten", "unsqueeze", "squeeze", "permute", "transpose"}
+
+# Ops that work along a non-row dimension and keep rows apart.
+# name -> (position of the dim argument, its default)
+ALONG_DIM = {"softmax": (1, None), "log_softmax": (1, None), "glu": (1, -1), "chunk": (2, 0),
+             "split": (2, 0), "narrow": (1, None), "cat": (1, 0), "normalize": (2, 1)}
+
+# Normalisations over the trailing `normalized_shape` dims.
+NORMS = {"layer_norm", "rms_norm"}
+
+LINEAR = {"linear"}
+
+SIZE = {"size", "sym_size", "dim"}
+
+ASSERTS = {"_assert_scalar", "_check_is_size", "_check", "ge", "le", "lt", "gt", "eq", "ne"}
+
+INDEX_ADD = {"index_add_", "index_add"}
+
+ZERO_FACTORIES = {"zeros", "zeros_like", "new_zeros"}
+
+# Fresh (non-aliasing) tensors a loop may accumulate into.
+FRESH = ZERO_FACTORIES | {"empty", "empty_like", "new_empty", "full", "full_like", "new_full", "clone",
+                          "add", "sub", "mul", "truediv", "div"}
+
+GETITEM = operator.getitem
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def example_value(node):
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else node
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """In-place ops other than the loop's own index_add_."""
+    name = op_name(node)
+    if node.op == "call_method":
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return name in {"iadd", "isub", "imul", "itruediv"}

@@ -1,0 +1,451 @@
+"""Prove that the E unrolled bodies of a loop are one computation, run row by row.
+
+For each expert e the body is every node that depends on torch.where(mask[e]) and feeds the rows
+added to the accumulator. A body may read three kinds of values from outside:
+- outer values, the same node for every expert (hidden states, routing weights);
+- per-expert leaves: graph inputs (parameters) read by this expert's body alone;
+- the where outputs (token and slot coordinates of the rows).
+The bodies are isomorphic when a walk from each sink meets the same ops with the same constants,
+the same outer values, and per-expert leaves of the same shape in the same places.
+
+The template body (expert 0) must then act on each row independently, so that it can run once
+over all rows sorted by expert: element-wise ops, row gathers by the where outputs, layout
+changes that keep the row dimension outermost, and linears. A linear whose weight is a per-expert
+leaf becomes a grouped GEMM. Anything else leaves the loop as traced, with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .find_loops import LoopCandidate
+from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, NORMS, SIZE, example_value,
+                  is_getitem, is_inplace, op_name)
+
+
+class Unprovable(Exception):
+    """The loop cannot be shown equivalent to a grouped computation; the message says why."""
+
+
+@dataclasses.dataclass
+class GroupedLinear:
+    node: fx.Node  # the template linear
+    weights: list[fx.Node]  # per-expert weight leaves, indexed by expert
+    biases: list[fx.Node] | None
+
+
+@dataclasses.dataclass
+class ProvenLoop:
+    candidate: LoopCandidate
+    template: list[fx.Node]  # expert 0's body, in graph order
+    coords: dict[fx.Node, int]  # template where-output getitem -> which where output
+    linears: list[GroupedLinear]
+    token_output: int  # which where output indexes the accumulator rows
+    erase: list[fx.Node]  # every node of the loop, to remove after the rewrite
+    first_step: fx.Node
+    last_step: fx.Node
+
+
+def _users_closure(start: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                if u not in stop:
+                    todo.append(u)
+    return seen
+
+
+def _ancestors(start: fx.Node) -> set[fx.Node]:
+    seen, todo = {start}, [start]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+@dataclasses.dataclass
+class _Body:
+    expert: int
+    nodes: set[fx.Node]
+    coords: dict[fx.Node, int]  # getitem(where, j) -> j
+    leaves: set[fx.Node]
+    dead: set[fx.Node]  # size/assert nodes about the row count, removed with the loop
+
+
+def _collect_body(step, steps_set) -> _Body:
+    where = step.where
+    coords = {}
+    for u in where.users:
+        if not (is_getitem(u) and isinstance(u.args[1], int)):
+            raise Unprovable(f"torch.where of expert {step.expert} is used as a whole ({op_name(u)})")
+        coords[u] = u.args[1]
+    downstream = _users_closure(where, stop=steps_set)
+    feeding = _ancestors(step.source)
+    nodes = (downstream & feeding) - set(coords)
+    dead = downstream - feeding - steps_set - set(coords)
+    for d in dead:
+        if op_name(d) not in SIZE | ASSERTS:
+            raise Unprovable(f"{d.name} ({op_name(d)}) uses expert {step.expert}'s rows outside the loop")
+    leaves = set()
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a.op in ("placeholder", "get_attr") and all(u in nodes for u in a.users):
+                leaves.add(a)
+    return _Body(step.expert, nodes, coords, leaves, dead)
+
+
+def _kind(node, body: _Body):
+    if not isinstance(node, fx.Node):
+        return "const"
+    if node in body.coords:
+        return "coord"
+    if node in body.nodes:
+        return "body"
+    if node in body.leaves:
+        return "leaf"
+    return "outer"
+
+
+def _same_leaf(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = example_value(a), example_value(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    return (va.shape == vb.shape and va.dtype == vb.dtype and va.device == vb.device
+            and va.stride() == vb.stride() and va.requires_grad == vb.requires_grad)
+
+
+class _Matcher:
+    """Walks expert 0's body and expert e's body from their sinks in lock step."""
+
+    def __init__(self, b0: _Body, be: _Body):
+        self.b0, self.be = b0, be
+        self.map: dict[fx.Node, fx.Node] = {}
+
+    def fail(self, a, b, what):
+        raise Unprovable(f"expert {self.be.expert} differs from expert 0 at {getattr(a, 'name', a)} "
+                         f"vs {getattr(b, 'name', b)}: {what}")
+
+    def arg(self, a, b):
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                self.fail(a, b, "a value against a constant")
+            return self.node(a, b)
+        if isinstance(a, (tuple, list)):
+            if type(a) is not type(b) or len(a) != len(b):
+                self.fail(a, b, "different argument structure")
+            for x, y in zip(a, b):
+                self.arg(x, y)
+            return
+        if isinstance(a, dict):
+            if not isinstance(b, dict) or a.keys() != b.keys():
+                self.fail(a, b, "different keyword arguments")
+            for k in a:
+                self.arg(a[k], b[k])
+            return
+        if isinstance(a, slice):
+            if not isinstance(b, slice):
+                self.fail(a, b, "different indexing")
+            for x, y in ((a.start, b.start), (a.stop, b.stop), (a.step, b.step)):
+                self.arg(x, y)
+            return
+        if type(a) is not type(b) or a != b:
+            self.fail(a, b, f"constants {a!r} and {b!r}")
+
+    def node(self, a: fx.Node, b: fx.Node):
+        if a in self.map:
+            if self.map[a] is not b:
+                self.fail(a, b, "values shared differently")
+            return
+        ka, kb = _kind(a, self.b0), _kind(b, self.be)
+        if ka != kb:
+            self.fail(a, b, f"{ka} value against {kb} value")
+        if ka == "outer" and a is not b:
+            self.fail(a, b, "they read different outside values")
+        if ka == "coord" and self.b0.coords[a] != self.be.coords[b]:
+            self.fail(a, b, "different torch.where outputs")
+        if ka == "leaf" and not _same_leaf(a, b):
+            self.fail(a, b, "expert parameters of different shape, dtype, layout or requires_grad")
+        if ka == "body":
+            if a.op != b.op or a.target != b.target:
+                self.fail(a, b, f"{op_name(a)} against {op_name(b)}")
+            self.map[a] = b
+            self.arg(tuple(a.args), tuple(b.args))
+            self.arg(dict(a.kwargs), dict(b.kwargs))
+            return
+        self.map[a] = b
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-by-row check of the template body
+
+
+def _row_dims(val, row) -> list[int]:
+    if not isinstance(val, torch.Tensor):
+        return []
+    out = []
+    for i, s in enumerate(val.shape):
+        if isinstance(s, torch.SymInt) and s.node.expr == row:
+            out.append(i)
+    return out
+
+
+def _outermost(val, dim) -> bool:
+    """Every dim before `dim` has size 1, so rows stay contiguous blocks."""
+    return all(statically_known_true(s == 1) for s in val.shape[:dim])
+
+
+class _RowCheck:
+    def __init__(self, body: _Body, row_symbol):
+        self.body = body
+        self.row = row_symbol
+
+    def fail(self, node, why):
+        raise Unprovable(f"{node.name} ({op_name(node)}): {why}")
+
+    def row_dim(self, node):
+        dims = _row_dims(example_value(node), self.row)
+        if len(dims) != 1:
+            self.fail(node, "its result does not have exactly one row dimension")
+        return dims[0]
+
+    def tensor_args(self, node):
+        out = []
+        for a in node.all_input_nodes:
+            out.append((a, _kind(a, self.body)))
+        return out
+
+    def check(self, node) -> str:
+        """Return the role of a template node: 'gather', 'linear', 'grouped', 'rows', 'size'."""
+        name = op_name(node)
+        val = example_value(node)
+        kinds = self.tensor_args(node)
+        if not isinstance(val, (torch.Tensor, tuple, list)):
+            if name in SIZE or name in {"mul", "add", "sub", "floordiv"}:
+                for u in node.users:
+                    if u in self.body.nodes and op_name(u) not in LAYOUT | SIZE:
+                        self.fail(node, "uses the number of rows as a value")
+                return "size"
+            self.fail(node, "computes a non-tensor value in the expert body")
+        if any(k == "coord" for _, k in kinds):
+            return self.gather(node, name, kinds)
+        if name in LINEAR:
+            return self.linear(node, kinds)
+        if is_getitem(node):
+            return self.getitem(node)
+        if any(k == "leaf" for _, k in kinds):
+            self.fail(node, "reads an expert parameter outside a linear layer")
+        if name in ELEMENTWISE:
+            return self.elementwise(node, kinds)
+        if name in LAYOUT:
+            src = node.args[0]
+            if _kind(src, self.body) != "body":
+                self.fail(node, "reshapes a value from outside the body")
+            for v in (example_value(src), val):
+                if not _outermost(v, self.row_dim(src) if v is example_value(src) else self.row_dim(node)):
+                    self.fail(node, "moves the row dimension")
+            return "rows"
+        if name in ALONG_DIM or name in NORMS:
+            return self.along_dim(node, name)
+        self.fail(node, "is not known to act row by row")
+
+    def gather(self, node, name, kinds):
+        """Rows picked from an outer tensor by the where outputs: x[None, top_x], w[top_x, idx, None]."""
+        if is_getitem(node):
+            src, index = node.args
+            if _kind(src, self.body) != "outer":
+                self.fail(node, "indexes a body value by token coordinates")
+            entries = index if isinstance(index, tuple) else (index,)
+            for ent in entries:
+                if isinstance(ent, fx.Node) and _kind(ent, self.body) != "coord":
+                    self.fail(node, "indexes with a tensor that is not a torch.where output")
+            self.row_dim(node)
+            return "gather"
+        if name == "index_select":
+            src, _, idx = node.args
+            if _kind(src, self.body) != "outer" or _kind(idx, self.body) != "coord":
+                self.fail(node, "index_select that is not a row gather")
+            return "gather"
+        self.fail(node, "uses the token coordinates in an unknown way")
+
+    def linear(self, node, kinds):
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if _kind(x, self.body) != "body":
+            self.fail(node, "linear of a value from outside the body")
+        xv = example_value(x)
+        rd = self.row_dim(x)
+        if rd == xv.dim() - 1 or not _outermost(xv, rd):
+            self.fail(node, "linear across the row dimension")
+        wk = _kind(w, self.body)
+        bk = _kind(b, self.body) if b is not None else "none"
+        if wk == "leaf":
+            if bk not in ("leaf", "none", "const"):
+                self.fail(node, "per-expert weight with a shared bias")
+            if xv.dim() != 2:
+                self.fail(node, "grouped GEMMs take 2-D rows; this linear has a 3-D input")
+            return "grouped"
+        if wk == "outer" and bk in ("outer", "none", "const"):
+            return "rows"  # a weight shared by every expert: one ordinary linear over all rows
+        self.fail(node, "linear whose weight depends on the routed tokens")
+
+    def getitem(self, node):
+        src, index = node.args
+        sv = example_value(src)
+        if isinstance(sv, (tuple, list)):
+            return "rows"  # picks one piece of chunk/split
+        rd = self.row_dim(src)
+        entries = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(e, fx.Node) for e in entries):
+            self.fail(node, "indexes rows with a tensor")
+        pos = 0
+        for i, e in enumerate(entries):
+            if e is None:
+                continue
+            if e is Ellipsis:
+                pos = sv.dim() - sum(1 for x in entries[i + 1:] if x is not None and x is not Ellipsis)
+                continue
+            if pos == rd and e != slice(None, None, None):
+                self.fail(node, "slices the row dimension")
+            pos += 1
+        self.row_dim(node)
+        return "rows"
+
+    def along_dim(self, node, name):
+        src = node.args[0][0] if name == "cat" else node.args[0]
+        sv = example_value(src)
+        if not isinstance(sv, torch.Tensor) or _kind(src, self.body) != "body":
+            self.fail(node, "works on a value from outside the body")
+        rd = self.row_dim(src)
+        if name in NORMS:  # normalises over the trailing normalized_shape dims
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            ndims = len(shape) if isinstance(shape, (tuple, list)) else 1
+            if rd >= sv.dim() - ndims:
+                self.fail(node, "normalises across rows")
+            return "rows"
+        pos, default = ALONG_DIM[name]
+        dim = node.kwargs.get("dim", node.args[pos] if len(node.args) > pos else default)
+        if not isinstance(dim, int):
+            self.fail(node, "works along an unknown dimension")
+        if dim % sv.dim() == rd:
+            self.fail(node, "works across rows")
+        if name == "cat" and any(_kind(t, self.body) != "body" for t in node.args[0]):
+            self.fail(node, "concatenates rows with outside values")
+        return "rows"
+
+    def elementwise(self, node, kinds):
+        val = example_value(node)
+        rd = self.row_dim(node)
+        from_right = val.dim() - 1 - rd
+        if is_inplace(node) and _kind(node.args[0], self.body) != "body":
+            self.fail(node, "writes into a value from outside the body")
+        for a, k in kinds:
+            av = example_value(a)
+            if not isinstance(av, torch.Tensor):
+                continue
+            if k == "body":
+                ad = _row_dims(av, self.row)
+                if len(ad) != 1 or av.dim() - 1 - ad[0] != from_right:
+                    self.fail(node, "combines rows that do not line up")
+            elif av.dim() > from_right and not statically_known_true(av.shape[av.dim() - 1 - from_right] == 1):
+                self.fail(node, f"broadcasts {a.name} across rows")
+        return "rows"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_accumulator(cand: LoopCandidate, first: fx.Node, last: fx.Node, erase: set[fx.Node]):
+    acc = cand.accumulator
+    if acc.op == "placeholder":
+        raise Unprovable("the loop accumulates into a graph input (an in-place update the caller sees)")
+    if cand.inplace and op_name(acc) not in FRESH:
+        raise Unprovable(f"the accumulator comes from {op_name(acc) or acc.op}, which may alias other tensors")
+    order = {n: i for i, n in enumerate(first.graph.nodes)}
+    lo, hi = order[first], order[last]
+    for u in acc.users:
+        if u in erase:
+            continue
+        if lo < order[u] < hi:
+            raise Unprovable(f"{u.name} reads the accumulator in the middle of the loop")
+        if order[u] < lo and op_name(u) in LAYOUT | {"getitem", "narrow", "expand", "as_strided", "select"}:
+            raise Unprovable(f"{u.name} is a view of the accumulator taken before the loop")
+    # Nothing in the loop may write to a value the bodies read.
+    for n in list(first.graph.nodes)[lo:hi + 1]:
+        if n not in erase and is_inplace(n):
+            raise Unprovable(f"{n.name} ({op_name(n)}) writes to a tensor in the middle of the loop")
+
+
+def prove(cand: LoopCandidate) -> ProvenLoop:
+    steps = sorted(cand.steps, key=lambda s: s.expert)
+    steps_set = {s.index_add for s in steps}
+    bodies = [_collect_body(s, steps_set) for s in steps]
+    owners: dict[fx.Node, int] = {}
+    for b in bodies:
+        for n in b.nodes:
+            if n in owners:
+                raise Unprovable(f"{n.name} belongs to the bodies of experts {owners[n]} and {b.expert}")
+            owners[n] = b.expert
+    token_output = bodies[0].coords.get(steps[0].index)
+    for s, b in zip(steps, bodies):
+        if b.coords.get(s.index) != token_output:
+            raise Unprovable(f"expert {s.expert} adds its rows at a different torch.where output")
+    b0 = bodies[0]
+    maps = [{n: n for n in b0.nodes | b0.leaves}]
+    for s, b in zip(steps[1:], bodies[1:]):
+        m = _Matcher(b0, b)
+        m.node(steps[0].source, s.source)
+        maps.append(m.map)
+        matched_body = sum(1 for a in m.map if a in b0.nodes)
+        if matched_body != len(b0.nodes) or len(b.nodes) != len(b0.nodes):
+            raise Unprovable(f"expert {s.expert}'s body has {len(b.nodes)} ops, expert 0's has {len(b0.nodes)}")
+
+    where_val = example_value(steps[0].where)
+    row = where_val[0].shape[0].node.expr
+    graph_order = {n: i for i, n in enumerate(steps[0].where.graph.nodes)}
+    template = sorted(b0.nodes, key=graph_order.__getitem__)
+    checker = _RowCheck(b0, row)
+    roles = {n: checker.check(n) for n in template}
+    if roles[steps[0].source] == "size" or checker.row_dim(steps[0].source) != 0:
+        raise Unprovable("the rows added to the accumulator are not laid out row-major")
+
+    linears = []
+    for n in template:
+        if roles[n] != "grouped":
+            continue
+        w0 = n.args[1]
+        bias0 = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        weights = [m[w0] for m in maps]
+        biases = [m[bias0] for m in maps] if isinstance(bias0, fx.Node) else None
+        linears.append(GroupedLinear(n, weights, biases))
+    if not linears:
+        raise Unprovable("the expert body has no per-expert linear layer to group")
+
+    erase = set()
+    for s, b in zip(steps, bodies):
+        erase |= b.nodes | b.dead | set(b.coords) | {s.where, s.index_add}
+        sel = s.where.args[0]
+        if all(u is s.where for u in sel.users):
+            erase.add(sel)
+    first = min((s.index_add for s in steps), key=graph_order.__getitem__)
+    last = max((s.index_add for s in steps), key=graph_order.__getitem__)
+    first_body = min(erase, key=graph_order.__getitem__)
+    for n in template:
+        for a in n.all_input_nodes:
+            if a in erase and a not in b0.nodes and a not in b0.coords:
+                raise Unprovable(f"expert 0 reads {a.name}, a value of another expert's iteration")
+    _check_accumulator(cand, first_body, last, erase)
+    return ProvenLoop(cand, template, dict(b0.coords), linears, token_output,
+                      sorted(erase, key=graph_order.__getitem__), first, last)
+
+
+__all__ = ["prove", "ProvenLoop", "GroupedLinear", "Unprovable"]
