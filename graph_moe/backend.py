@@ -24,6 +24,14 @@ def _inductor(gm, example_inputs, mode: str | None, options: dict | None):
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def _warn_if_router_without_loop(gm: torch.fx.GraphModule) -> None:
+    """A router (one_hot of the top-k ids) with no loop after it: the loop ran in Python, outside any graph."""
+    if any(getattr(n.target, "__name__", None) == "one_hot" for n in gm.graph.nodes):
+        log.warning("graph_moe: this graph routes tokens to experts but holds no expert loop; the loop runs "
+                    "eagerly between graphs. Call graph_moe.install(model) before torch.compile (or use "
+                    "graph_moe.compile(model)) and compile under graph_moe.capture_settings().")
+
+
 def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
                  fuse_projections: bool = True, on_reports: Callable[[list[LoopReport]], Any] | None = None):
     """Build a graph_moe backend.
@@ -39,6 +47,8 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
     def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections)
         record(reports)
+        if not reports:
+            _warn_if_router_without_loop(gm)
         if on_reports is not None:
             on_reports(reports)
         if callable(inner):

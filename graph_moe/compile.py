@@ -1,0 +1,83 @@
+"""`graph_moe.compile`: install, the Dynamo settings the loop needs, and torch.compile per decoder layer.
+
+The unrolled loop only reaches one Dynamo graph when Dynamo may capture `torch.where` (a dynamic-shape
+op). Those settings are read when Dynamo traces, which happens at the first call, not at
+`torch.compile` time, so each compiled region applies them around its own calls and nowhere else.
+
+Regional compilation: every decoder layer is compiled on its own. Identical layers share one
+compiled code object, so Dynamo traces the E unrolled expert bodies once per layer kind instead of
+once per layer (FACTS.md §3: tracing alone costs seconds per block at E=128).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from graph_moe.backend import make_backend
+from graph_moe.install import InstallReport, install
+
+log = logging.getLogger("graph_moe")
+
+CAPTURE_SETTINGS = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+
+
+def capture_settings():
+    """The Dynamo settings under which the range loop is traced into one graph (a context manager)."""
+    return torch._dynamo.config.patch(**CAPTURE_SETTINGS)
+
+
+class _WithCaptureSettings:
+    """A compiled callable that applies the capture settings around each call."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        with capture_settings():
+            return self.compiled(*args, **kwargs)
+
+
+def _regions(model: nn.Module, report: InstallReport) -> list[nn.Module]:
+    """The modules to compile: every decoder layer of a ModuleList holding an installed MoE block
+    ("model.layers.3.mlp" -> each module of "model.layers"), or the block itself."""
+    modules = dict(model.named_modules())
+    regions: dict[int, nn.Module] = {}
+    for entry in report.blocks:
+        if not entry.status.endswith("installed"):
+            continue
+        parts = entry.path.split(".")
+        members = [modules[entry.path]]
+        for i in range(len(parts) - 1, 0, -1):
+            parent = modules.get(".".join(parts[:i]))
+            if parts[i].isdigit() and isinstance(parent, nn.ModuleList):
+                members = list(parent)
+                break
+        regions.update((id(m), m) for m in members)
+    return list(regions.values())
+
+
+def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_projections: bool = True,
+            **torch_compile_kwargs) -> nn.Module:
+    """Install graph_moe on `model` and compile it with the graph_moe backend, in place.
+
+    inner: the compiler run on the rewritten graphs ("inductor", "aot_eager", "eager" or a backend).
+    regional: compile each decoder layer holding an MoE block on its own (default), or the whole
+        model as one region.
+    torch_compile_kwargs: passed to torch.compile (mode=, options=, dynamic=, fullgraph=, ...).
+    Returns `model`, whose calls now run compiled; `model._graph_moe_install_report` says what was installed.
+    """
+    report = install(model)
+    backend = make_backend(inner, fuse_projections=fuse_projections)
+    regions = _regions(model, report) if regional else [model]
+    if not regions:
+        log.warning("graph_moe.compile: no supported MoE block in %s; compiling the whole model", type(model).__name__)
+        regions = [model]
+    for region in regions:
+        region._compiled_call_impl = _WithCaptureSettings(
+            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs))
+    model._graph_moe_install_report = report
+    log.info("graph_moe.compile: %d MoE block(s) installed, %d region(s) compiled", report.num_installed, len(regions))
+    return model
