@@ -1,0 +1,50 @@
+"""MoE causal LMs built from transformers configs with random weights (nothing is downloaded).
+
+Used by the demo, `graph-moe dump/explain`, the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+FAMILIES = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
+
+
+def make_config(family: str, *, layers=2, experts=8, top_k=2, hidden=64, intermediate=128, vocab=256, **extra):
+    """A transformers config of `family` at the given sizes (a config.json path works too)."""
+    import transformers as tf
+
+    if os.path.exists(family):
+        with open(family) as f:
+            data = json.load(f)
+        return tf.AutoConfig.for_model(data.pop("model_type"), **data)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=intermediate, num_experts=experts,
+                              num_experts_per_tok=top_k, **extra)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, intermediate_size=intermediate, moe_intermediate_size=intermediate,
+                                 num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1,
+                                 head_dim=hidden // 4, **extra)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=intermediate, moe_intermediate_size=intermediate,
+                                 shared_expert_intermediate_size=intermediate, num_experts=experts,
+                                 num_experts_per_tok=top_k, decoder_sparse_step=1, **extra)
+    if family == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=intermediate, num_local_experts=experts,
+                                num_experts_per_tok=top_k, **extra)
+    raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES} or a config.json path")
+
+
+def build_model(family: str = "olmoe", *, dtype=torch.bfloat16, seed: int = 0, device="cpu", **sizes):
+    """A causal LM of `family` with random weights, in `dtype`, on `device`."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = make_config(family, **sizes)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    return model.to(device=device, dtype=dtype)
