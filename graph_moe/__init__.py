@@ -5,7 +5,15 @@
     graph_moe.explain(model, input_ids)               # what was found, rewritten or left, and why
 """
 
-from graph_moe.backend import backend, make_backend
+import os as _os
+
+# From a source checkout that is not installed (PYTHONPATH=.), find graph_moe.passes in ../passes, where
+# the installed package gets it through setuptools' package-dir mapping.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isdir(_os.path.join(_root, "passes")):
+    __path__.append(_root)
+
+from graph_moe.backend import backend, make_backend  # noqa: E402
 from graph_moe.compile import capture_settings, compile
 from graph_moe.explain import Explanation, explain
 from graph_moe.install import InstallReport, install, uninstall

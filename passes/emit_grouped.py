@@ -143,11 +143,10 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             x = env.get(node.args[0], node.args[0])
             if partner is not None:
                 names = f"{_projection_name(g.weights[0])}+{_projection_name(partner.weights[0])}"
-                w = b.call(torch.cat, [_stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")], 1,
-                           name="stacked_weight")
+                w_a, w_b = _stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")
+                w = b.call(torch.cat, [w_a, w_b], 1, name="stacked_weight")
                 out = _grouped(b, x, w, offsets, [g, partner], sorted_ids, names)
-                split = b.method("split", out, [example_value(g.node).shape[-1],
-                                                example_value(partner.node).shape[-1]], -1)
+                split = b.method("split", out, [b.size(w_a, 1), b.size(w_b, 1)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
                 env[partner.node] = b.call(operator.getitem, split, 1,
                                            name=re.sub(r"\W", "_", _projection_name(partner.weights[0])))

@@ -116,12 +116,21 @@ def _kind(node, body: _Body):
     return "outer"
 
 
+def _sym_equal(a, b) -> bool:
+    """Provably equal sizes (ints, SymInts, or sequences of them), without adding guards."""
+    if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
+        return statically_known_true(a == b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_sym_equal(x, y) for x, y in zip(a, b))
+    return False
+
+
 def _same_leaf(a: fx.Node, b: fx.Node) -> bool:
     va, vb = example_value(a), example_value(b)
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
         return False
-    return (va.shape == vb.shape and va.dtype == vb.dtype and va.device == vb.device
-            and va.stride() == vb.stride() and va.requires_grad == vb.requires_grad)
+    return (_sym_equal(va.shape, vb.shape) and _sym_equal(va.stride(), vb.stride()) and va.dtype == vb.dtype
+            and va.device == vb.device and va.requires_grad == vb.requires_grad)
 
 
 class _Matcher:
@@ -169,7 +178,8 @@ class _Matcher:
         ka, kb = _kind(a, self.b0), _kind(b, self.be)
         if ka != kb:
             self.fail(a, b, f"{ka} value against {kb} value")
-        if ka == "outer" and a is not b:
+        # With dynamic shapes Dynamo re-reads x.shape in every iteration: equal sizes are the same value.
+        if ka == "outer" and a is not b and not _sym_equal(example_value(a), example_value(b)):
             self.fail(a, b, "they read different outside values")
         if ka == "coord" and self.b0.coords[a] != self.be.coords[b]:
             self.fail(a, b, "different torch.where outputs")

@@ -128,3 +128,14 @@ def test_inductor_end_to_end():
     assert_close_bf16(out, ref)
     for a, b in zip(out_grads, ref_grads):
         assert_close_bf16(a, b)
+
+
+def test_dynamic_weight_shapes_after_another_block_size():
+    """A second block size recompiles with symbolic weight shapes; Dynamo then reads sizes once per expert."""
+    rec = Recorder()
+    for hidden, inter, seq in ((16, 32, 4), (16, 32, 6), (8, 24, 4)):
+        torch.manual_seed(hidden + inter)
+        module = RangeMoE(num_experts=4, top_k=2, hidden=hidden, inter=inter).to(torch.bfloat16)
+        x = torch.randn(2, seq, hidden, dtype=torch.bfloat16)
+        assert_close_bf16(torch.compile(module, backend=rec.backend)(x), module(x))
+    assert len(rec.reports) == 3 and all(r.rewritten for r in rec.reports), [str(r) for r in rec.reports]

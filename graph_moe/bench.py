@@ -1,0 +1,195 @@
+"""`graph-moe bench`: one MoE layer on the GPU, graph_moe against the HF loop and grouped references.
+
+Per shape (E, top-k, hidden, intermediate) and token count: forward, and forward+backward with frozen
+experts (gradient for the input), in bf16; the roofline from this card's measured GEMM rate and copy
+bandwidth. Results: a table on stdout and every number in a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("graph_moe")
+
+SHAPES = {  # name: (experts, top_k, hidden, intermediate)
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "olmoe-1b-7b": (64, 8, 2048, 1024),
+    "mixtral-8x7b": (8, 2, 4096, 14336),
+    "deepseek-v2-lite": (64, 6, 2048, 1408),
+}
+
+
+def _cuda_time(fn, warmup=3, iters=10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def card_ceilings() -> dict:
+    """bf16 GEMM rate (8192^3) and device copy bandwidth (read + write) of this card."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = _cuda_time(lambda: a @ a)
+    x = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
+    y = torch.empty_like(x)
+    copy_ms = _cuda_time(lambda: y.copy_(x))
+    return {"tflops": 2 * 8192 ** 3 / ms / 1e9, "copy_tbps": 2 * x.numel() / copy_ms / 1e9}
+
+
+def roofline_ms(shape, tokens, ceilings, backward=False) -> float:
+    e, k, h, i = shape
+    flops = 6 * tokens * k * h * i * (2 if backward else 1)  # backward for the input only: one more pass
+    weight_bytes = 3 * e * h * i * 2
+    return max(flops / ceilings["tflops"] / 1e9, weight_bytes / ceilings["copy_tbps"] / 1e9)
+
+
+def hf_block(shape):
+    """transformers 4.x Qwen3MoeSparseMoeBlock (the expert_hit loop) at this shape, random bf16 weights."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    e, k, h, i = shape
+    cfg = Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=i, num_experts=e, num_experts_per_tok=k,
+                         norm_topk_prob=True)
+    block = Qwen3MoeSparseMoeBlock(cfg).to("cuda", torch.bfloat16)
+    for p in block.parameters():
+        p.data.normal_(0, 0.02)
+    block.requires_grad_(False)
+    return block
+
+
+def grouped_reference(block):
+    """The eager grouped MoE as transformers 5.x and torchtitan write it, on weights stacked once."""
+    e = block.num_experts
+    gate_up = torch.stack([torch.cat([x.gate_proj.weight, x.up_proj.weight]) for x in block.experts])
+    down = torch.stack([x.down_proj.weight for x in block.experts])
+
+    def forward(hidden):
+        t, h = hidden.shape[-2:] if hidden.dim() == 2 else (hidden.shape[0] * hidden.shape[1], hidden.shape[-1])
+        x = hidden.reshape(-1, h)
+        probs = F.softmax(F.linear(x, block.gate.weight), dim=1, dtype=torch.float)
+        w, ids = torch.topk(probs, block.top_k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        flat = ids.reshape(-1)
+        sorted_ids, order = torch.sort(flat, stable=True)
+        offs = torch.histc(flat.float(), bins=e, min=0, max=e - 1).cumsum(0).to(torch.int32)
+        rows = x[order // block.top_k]
+        gu = torch._grouped_mm(rows, gate_up.transpose(-2, -1), offs=offs)
+        g, u = gu.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+        y = y * w.reshape(-1)[order, None]
+        out = torch.empty_like(y)
+        out[order] = y
+        return out.view(-1, block.top_k, h).sum(1).reshape(hidden.shape)
+
+    return forward
+
+
+def graph_moe_block(block, mode=None):
+    import copy
+
+    import graph_moe
+
+    ours = copy.deepcopy(block)
+    graph_moe.install(ours)
+    compiled = torch.compile(ours, backend=graph_moe.make_backend("inductor", mode=mode))
+
+    def forward(hidden):
+        with graph_moe.capture_settings():
+            return compiled(hidden)[0]
+
+    return forward
+
+
+def run(shapes, token_counts, with_loop=True) -> list[dict]:
+    from torch._dynamo.utils import counters
+
+    ceilings = card_ceilings()
+    log.info("card: %s, bf16 GEMM %.0f TFLOP/s, copy %.2f TB/s", torch.cuda.get_device_name(),
+             ceilings["tflops"], ceilings["copy_tbps"])
+    results = []
+    for name in shapes:
+        shape = SHAPES[name]
+        block = hf_block(shape)
+        variants = {"grouped_eager": grouped_reference(block)}
+        variants["grouped_compiled"] = torch.compile(variants["grouped_eager"], fullgraph=True)
+        variants["graph_moe"] = graph_moe_block(block)
+        if with_loop:
+            variants["hf_loop"] = lambda x: block(x)[0]
+        for tokens in token_counts:
+            x = torch.randn(1, tokens, shape[2], device="cuda", dtype=torch.bfloat16)
+            ref = block(x)[0]
+            row = {"shape": name, "tokens": tokens, "roofline_fwd_ms": roofline_ms(shape, tokens, ceilings),
+                   "roofline_fwd_bwd_ms": roofline_ms(shape, tokens, ceilings, backward=True)}
+            for vname, fn in variants.items():
+                counters.clear()
+                t0 = time.perf_counter()
+                out = fn(x)
+                torch.cuda.synchronize()
+                row[f"{vname}_first_call_s"] = time.perf_counter() - t0
+                row[f"{vname}_max_diff"] = (out.float() - ref.float()).abs().max().item()
+                row[f"{vname}_fwd_ms"] = _cuda_time(lambda: fn(x))
+                xg = x.clone().requires_grad_()
+                grad = torch.randn_like(x)
+
+                def fwd_bwd():
+                    xg.grad = None
+                    fn(xg).backward(grad)
+
+                torch.cuda.reset_peak_memory_stats()
+                row[f"{vname}_fwd_bwd_ms"] = _cuda_time(fwd_bwd)
+                row[f"{vname}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                if vname == "graph_moe":
+                    row["graph_moe_loops_rewritten"] = int(counters["graph_moe"]["loops_rewritten"])
+                log.info("%s %d tokens %s: fwd %.3f ms, fwd+bwd %.3f ms", name, tokens, vname,
+                         row[f"{vname}_fwd_ms"], row[f"{vname}_fwd_bwd_ms"])
+            results.append(row)
+    return [{"card": torch.cuda.get_device_name(), "torch": torch.__version__, **ceilings}] + results
+
+
+def table(results) -> str:
+    head, rows = results[0], results[1:]
+    lines = [f"{head['card']}, torch {head['torch']}, bf16 GEMM {head['tflops']:.0f} TFLOP/s, "
+             f"copy {head['copy_tbps']:.2f} TB/s; ms per MoE layer, forward / forward+backward (frozen experts)",
+             "| shape | tokens | roofline | " + " | ".join(v for v in _variants(rows)) + " |",
+             "|---|---|---|" + "---|" * len(_variants(rows))]
+    for r in rows:
+        cells = [f"{r[v + '_fwd_ms']:.2f} / {r[v + '_fwd_bwd_ms']:.2f}" for v in _variants(rows)]
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['roofline_fwd_ms']:.2f} / {r['roofline_fwd_bwd_ms']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _variants(rows):
+    return [k[:-7] for k in rows[0] if k.endswith("_fwd_ms") and not k.startswith("roofline")]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="graph-moe bench", description=__doc__)
+    p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"], choices=list(SHAPES))
+    p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 16384])
+    p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")
+    p.add_argument("--json", default="bench_results.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("the benchmark needs a CUDA GPU")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    results = run(args.shapes, args.tokens, with_loop=not args.no_loop)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(table(results))
+    return 0
