@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import graph_moe.backend as gm_backend
+from graph_moe import make_backend
 from torch._dynamo.backends.registry import lookup_backend
 
 
@@ -18,7 +18,7 @@ class Recorder:
             self.graphs.append(gm)
             return lookup_backend(inner)(gm, example_inputs)
 
-        self.backend = gm_backend.make_backend(keep, on_reports=self.reports.extend, **options)
+        self.backend = make_backend(keep, on_reports=self.reports.extend, **options)
 
     def count(self, *names) -> int:
         return sum(1 for g in self.graphs for n in g.graph.nodes
