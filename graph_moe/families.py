@@ -18,15 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graph_moe.layout import usable_layout
 
-def range_expert_loop(experts, hidden_states, routing_weights, selected_experts, num_experts):
-    """hidden_states (T, H); routing_weights (T, K) already in hidden dtype; selected_experts (T, K) int64."""
+
+def range_expert_loop(experts, hidden_states, routing_weights, selected_experts, num_experts, layout=None):
+    """hidden_states (T, H); routing_weights (T, K) already in hidden dtype; selected_experts (T, K) int64.
+
+    With a current `layout` (frozen experts laid out for grouped GEMMs, see layout.py) expert e reads its
+    weights as slices of the layout's stacked tensors, which the pass then uses without a copy.
+    """
     final_hidden_states = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=hidden_states.dtype, device=hidden_states.device)
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
     for expert_idx in range(num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
-        current_hidden_states = experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+        expert_out = experts[expert_idx](current_state) if layout is None else layout.expert(expert_idx, current_state)
+        current_hidden_states = expert_out * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
     return final_hidden_states
 
@@ -49,7 +56,7 @@ def mixtral_forward(self, hidden_states: torch.Tensor):
     router_logits = self.gate(hidden_states)
     routing_weights, selected_experts = _route(router_logits, self.top_k, True, hidden_states.dtype)
     final_hidden_states = range_expert_loop(
-        self.experts, hidden_states, routing_weights, selected_experts, self.num_experts
+        self.experts, hidden_states, routing_weights, selected_experts, self.num_experts, usable_layout(self)
     )
     final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
     return final_hidden_states, router_logits
@@ -62,7 +69,7 @@ def qwen_olmoe_forward(self, hidden_states: torch.Tensor):
     router_logits = self.gate(hidden_states)
     routing_weights, selected_experts = _route(router_logits, self.top_k, self.norm_topk_prob, hidden_states.dtype)
     final_hidden_states = range_expert_loop(
-        self.experts, hidden_states, routing_weights, selected_experts, self.num_experts
+        self.experts, hidden_states, routing_weights, selected_experts, self.num_experts, usable_layout(self)
     )
     final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
     return final_hidden_states, router_logits
@@ -75,7 +82,7 @@ def qwen2_moe_forward(self, hidden_states: torch.Tensor):
     router_logits = self.gate(hidden_states)
     routing_weights, selected_experts = _route(router_logits, self.top_k, self.norm_topk_prob, hidden_states.dtype)
     final_hidden_states = range_expert_loop(
-        self.experts, hidden_states, routing_weights, selected_experts, self.num_experts
+        self.experts, hidden_states, routing_weights, selected_experts, self.num_experts, usable_layout(self)
     )
     shared_expert_output = self.shared_expert(hidden_states)
     shared_expert_output = F.sigmoid(self.shared_expert_gate(hidden_states)) * shared_expert_output
@@ -89,11 +96,12 @@ class Family:
     forward: Callable
     form: str  # loop form of the class forward it replaces: "H" (expert_hit, 4.53+) or "R" (range loop)
     attrs: tuple[str, ...]  # block attributes the forward reads beyond gate/experts/top_k/num_experts
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # each expert's gate, up, down
 
 
 FAMILIES: dict[str, Family] = {
-    "MixtralSparseMoeBlock": Family(mixtral_forward, "H", ("jitter_noise",)),
-    "MiniMaxSparseMoeBlock": Family(mixtral_forward, "H", ("jitter_noise",)),
+    "MixtralSparseMoeBlock": Family(mixtral_forward, "H", ("jitter_noise",), ("w1", "w3", "w2")),
+    "MiniMaxSparseMoeBlock": Family(mixtral_forward, "H", ("jitter_noise",), ("w1", "w3", "w2")),
     "Qwen2MoeSparseMoeBlock": Family(qwen2_moe_forward, "H", ("norm_topk_prob", "shared_expert", "shared_expert_gate")),
     "Qwen3MoeSparseMoeBlock": Family(qwen_olmoe_forward, "H", ("norm_topk_prob",)),
     "OlmoeSparseMoeBlock": Family(qwen_olmoe_forward, "R", ("norm_topk_prob",)),

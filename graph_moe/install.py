@@ -15,6 +15,7 @@ from typing import Callable
 from torch import nn
 
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
+from graph_moe.layout import lay_out, remove_layout, usable_layout
 
 log = logging.getLogger("graph_moe")
 
@@ -29,6 +30,7 @@ class BlockEntry:
     num_experts: int | None
     top_k: int | None
     status: str  # "installed", "already installed" or "not supported: <reason>"
+    weights: str = "-"  # "grouped layout", or why the experts are stacked per forward instead
 
 
 @dataclasses.dataclass
@@ -40,9 +42,10 @@ class InstallReport:
         return sum(b.status == "installed" for b in self.blocks)
 
     def __str__(self) -> str:
-        header = ("module", "class", "form", "experts", "top_k", "status")
+        header = ("module", "class", "form", "experts", "top_k", "status", "expert weights")
         rows = [header] + [
-            (b.path, b.class_name, b.form or "-", str(b.num_experts), str(b.top_k), b.status) for b in self.blocks
+            (b.path, b.class_name, b.form or "-", str(b.num_experts), str(b.top_k), b.status, b.weights)
+            for b in self.blocks
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -55,10 +58,13 @@ def _is_ours(block: nn.Module) -> bool:
     return getattr(forward, "__func__", None) in TRACEABLE_FORWARDS
 
 
-def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None) -> InstallReport:
+def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
+            layout: bool = True) -> InstallReport:
     """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
 
     Idempotent, and safe after PEFT wrapping: blocks are found wherever they sit in `model.named_modules()`.
+    layout: lay frozen plain experts out once for grouped GEMMs (graph_moe/layout.py), so the compiled
+        graph reads their weights without a per-forward copy.
     """
     report = InstallReport()
     for path, block in model.named_modules():
@@ -84,6 +90,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         else:
             block.forward = types.MethodType(family.forward, block)
             setattr(block, _MARK, family.form)
+        if _is_ours(block):
+            entry.weights = _lay_out(block, family.projections) if layout else "per expert: layout=False"
         report.blocks.append(entry)
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
@@ -94,12 +102,20 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     return report
 
 
+def _lay_out(block: nn.Module, projections) -> str:
+    if usable_layout(block) is not None:
+        return "grouped layout"
+    why = lay_out(block, projections)
+    return "grouped layout" if why is None else f"per expert: {why}"
+
+
 def uninstall(model: nn.Module) -> int:
     """Restore the class forward on every block `install` touched; returns how many blocks were restored."""
     restored = 0
     for _, block in model.named_modules():
         if _is_ours(block):
             del block.forward
+            remove_layout(block)
             restored += 1
         if _MARK in block.__dict__:
             delattr(block, _MARK)

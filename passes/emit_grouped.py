@@ -20,7 +20,9 @@ import re
 import torch
 import torch.fx as fx
 
-from .ops import ZERO_FACTORIES, example_value, op_name
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .ops import ZERO_FACTORIES, example_value, is_getitem, op_name
 from .prove_bodies import ProvenLoop, Unprovable
 
 
@@ -70,12 +72,20 @@ class _Builder:
 
 
 def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
+    """(E, out, in) weights: the stacked tensor itself when expert e reads stack[e], else a copy."""
+    base = tensors[0].args[0] if is_getitem(tensors[0]) else None
+    if base is not None and all(is_getitem(t) and t.args == (base, e) for e, t in enumerate(tensors)):
+        val = example_value(base)
+        if isinstance(val, torch.Tensor) and val.dim() >= 3 and statically_known_true(val.shape[0] == len(tensors)):
+            return base
     return b.call(torch.stack, list(tensors), name=name)
 
 
 def _projection_name(weight: fx.Node) -> str:
     """'gate_proj' for L['self']._modules['experts']._modules['0']._modules['gate_proj']._parameters['weight']:
     the module path after the expert index, without the generic words."""
+    if is_getitem(weight):  # stack[e]: name it after the stack
+        weight = weight.args[0]
     source = getattr(weight.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
     text = (name() if callable(name) else name) or weight.name
@@ -85,7 +95,7 @@ def _projection_name(weight: fx.Node) -> str:
     return ".".join(words) or weight.name
 
 
-_NOT_NAMES = {"weight", "bias", "base_layer", "default", "modules", "parameters"}
+_NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules", "parameters"}
 
 
 def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[str]:

@@ -79,6 +79,7 @@ class _Body:
     nodes: set[fx.Node]
     coords: dict[fx.Node, int]  # getitem(where, j) -> j
     leaves: set[fx.Node]
+    slices: set[fx.Node]  # stack[e]: this expert's slice of a stacked weight (graph_moe's layout, 3-D experts)
     dead: set[fx.Node]  # size/assert nodes about the row count, removed with the loop
 
 
@@ -96,12 +97,16 @@ def _collect_body(step, steps_set) -> _Body:
     for d in dead:
         if op_name(d) not in SIZE | ASSERTS:
             raise Unprovable(f"{d.name} ({op_name(d)}) uses expert {step.expert}'s rows outside the loop")
-    leaves = set()
+    leaves, slices = set(), set()
     for n in nodes:
         for a in n.all_input_nodes:
-            if a.op in ("placeholder", "get_attr") and all(u in nodes for u in a.users):
+            if a in nodes or not all(u in nodes for u in a.users):
+                continue
+            if a.op in ("placeholder", "get_attr"):
                 leaves.add(a)
-    return _Body(step.expert, nodes, coords, leaves, dead)
+            elif is_getitem(a) and a.args[1] == step.expert and isinstance(a.args[0], fx.Node):
+                slices.add(a)
+    return _Body(step.expert, nodes, coords, leaves, slices, dead)
 
 
 def _kind(node, body: _Body):
@@ -113,6 +118,8 @@ def _kind(node, body: _Body):
         return "body"
     if node in body.leaves:
         return "leaf"
+    if node in body.slices:
+        return "slice"
     return "outer"
 
 
@@ -129,8 +136,8 @@ def _same_leaf(a: fx.Node, b: fx.Node) -> bool:
     va, vb = example_value(a), example_value(b)
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
         return False
-    return (_sym_equal(va.shape, vb.shape) and _sym_equal(va.stride(), vb.stride()) and va.dtype == vb.dtype
-            and va.device == vb.device and va.requires_grad == vb.requires_grad)
+    # Layout and requires_grad may differ: torch.stack takes any strides and sends each gradient home.
+    return _sym_equal(va.shape, vb.shape) and va.dtype == vb.dtype and va.device == vb.device
 
 
 class _Matcher:
@@ -184,7 +191,9 @@ class _Matcher:
         if ka == "coord" and self.b0.coords[a] != self.be.coords[b]:
             self.fail(a, b, "different torch.where outputs")
         if ka == "leaf" and not _same_leaf(a, b):
-            self.fail(a, b, "expert parameters of different shape, dtype, layout or requires_grad")
+            self.fail(a, b, "expert parameters of different shape, dtype or device")
+        if ka == "slice" and a.args[0] is not b.args[0]:
+            self.fail(a, b, "slices of different stacked weights")
         if ka == "body":
             if a.op != b.op or a.target != b.target:
                 self.fail(a, b, f"{op_name(a)} against {op_name(b)}")
@@ -252,7 +261,7 @@ class _RowCheck:
             return self.linear(node, kinds)
         if is_getitem(node):
             return self.getitem(node)
-        if any(k == "leaf" for _, k in kinds):
+        if any(k in ("leaf", "slice") for _, k in kinds):
             self.fail(node, "reads an expert parameter outside a linear layer")
         if name in ELEMENTWISE:
             return self.elementwise(node, kinds)
@@ -298,8 +307,8 @@ class _RowCheck:
             self.fail(node, "linear across the row dimension")
         wk = _kind(w, self.body)
         bk = _kind(b, self.body) if b is not None else "none"
-        if wk == "leaf":
-            if bk not in ("leaf", "none", "const"):
+        if wk in ("leaf", "slice"):
+            if bk not in ("leaf", "slice", "none", "const"):
                 self.fail(node, "per-expert weight with a shared bias")
             if xv.dim() != 2:
                 self.fail(node, "grouped GEMMs take 2-D rows; this linear has a 3-D input")
@@ -410,7 +419,7 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
         if b.coords.get(s.index) != token_output:
             raise Unprovable(f"expert {s.expert} adds its rows at a different torch.where output")
     b0 = bodies[0]
-    maps = [{n: n for n in b0.nodes | b0.leaves}]
+    maps = [{n: n for n in b0.nodes | b0.leaves | b0.slices}]
     for s, b in zip(steps[1:], bodies[1:]):
         m = _Matcher(b0, b)
         m.node(steps[0].source, s.source)
@@ -442,7 +451,7 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
 
     erase = set()
     for s, b in zip(steps, bodies):
-        erase |= b.nodes | b.dead | set(b.coords) | {s.where, s.index_add}
+        erase |= b.nodes | b.dead | b.slices | set(b.coords) | {s.where, s.index_add}
         sel = s.where.args[0]
         if all(u is s.where for u in sel.users):
             erase.add(sel)
@@ -451,7 +460,7 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
     first_body = min(erase, key=graph_order.__getitem__)
     for n in template:
         for a in n.all_input_nodes:
-            if a in erase and a not in b0.nodes and a not in b0.coords:
+            if a in erase and a not in b0.nodes and a not in b0.coords and a not in b0.slices:
                 raise Unprovable(f"expert 0 reads {a.name}, a value of another expert's iteration")
     _check_accumulator(cand, first_body, last, erase)
     return ProvenLoop(cand, template, dict(b0.coords), linears, token_output,

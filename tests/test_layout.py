@@ -1,0 +1,150 @@
+"""Frozen experts laid out once: no per-forward weight copy, and never stale after a weight change."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import graph_moe
+from helpers import Recorder, assert_close_bf16
+from tiny_models import build
+
+
+def _frozen(family="qwen3_moe", **kw):
+    model = build(family, **kw)
+    for block in _blocks(model):
+        block.experts.requires_grad_(False)
+    return model
+
+
+def _blocks(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
+
+
+def _ids():
+    return torch.randint(0, 64, (2, 6))
+
+
+def _compiled(model, rec):
+    compiled = torch.compile(model, backend=rec.backend)
+
+    def run(ids):
+        with graph_moe.capture_settings():
+            return compiled(input_ids=ids, use_cache=False).logits
+
+    return run
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_layout_removes_the_weight_copy(family):
+    model = _frozen(family)
+    reference = copy.deepcopy(model)
+    report = graph_moe.install(model)
+    assert [b.weights for b in report.blocks] == ["grouped layout"] * 2
+    rec = Recorder()
+    ids = _ids()
+    assert_close_bf16(_compiled(model, rec)(ids), reference(input_ids=ids).logits)
+    assert counters["graph_moe"]["loops_rewritten"] == 2
+    assert rec.count("_grouped_mm") == 4 and rec.count("stack") == 0
+
+
+def test_layout_keeps_state_dict_and_views():
+    model = _frozen()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph_moe.install(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    block = _blocks(model)[0]
+    layout = block._graph_moe_layout
+    storage = layout.gate_up.untyped_storage().data_ptr()
+    assert all(x.gate_proj.weight.untyped_storage().data_ptr() == storage for x in block.experts)
+
+
+def test_eager_fp32_layout_equals_original():
+    model = _frozen("mixtral", dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    ids = _ids()
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+def test_weight_changes_after_compile_are_seen():
+    model = _frozen()
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    run = _compiled(model, Recorder())
+    run(_ids())
+
+    def both(fn):
+        with torch.no_grad():
+            fn(model)
+            fn(reference)
+        ids = _ids()
+        assert_close_bf16(run(ids), reference(input_ids=ids).logits)
+
+    both(lambda m: _blocks(m)[0].experts[1].up_proj.weight.mul_(3))  # in place
+    new_state = {k: torch.randn_like(v) * 0.05 for k, v in reference.state_dict().items()}
+    both(lambda m: m.load_state_dict(new_state))  # copied into the views
+    both(lambda m: setattr(_blocks(m)[1].experts[2].down_proj, "weight",
+                           nn.Parameter(torch.randn(32, 32, dtype=torch.bfloat16) * 0.1, requires_grad=False)))
+    assert _blocks(model)[1]._graph_moe_layout.valid is False  # that block fell back to its modules
+    assert _blocks(model)[0]._graph_moe_layout.valid is True
+
+
+def test_dtype_round_trip_lays_out_again():
+    model = _frozen()
+    graph_moe.install(model)
+    model.to(torch.float32).to(torch.bfloat16)
+    block = _blocks(model)[0]
+    storage = block._graph_moe_layout.gate_up.untyped_storage().data_ptr()
+    assert block.experts[3].up_proj.weight.untyped_storage().data_ptr() == storage
+    reference = copy.deepcopy(model)
+    graph_moe.uninstall(reference)
+    rec = Recorder()
+    ids = _ids()
+    assert_close_bf16(_compiled(model, rec)(ids), reference(input_ids=ids).logits)
+    assert rec.count("stack") == 0
+
+
+def test_unfrozen_expert_trains_through_the_modules():
+    model = _frozen()
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    for m in (model, reference):
+        _blocks(m)[0].experts[2].gate_proj.weight.requires_grad_(True)
+    rec = Recorder()
+    ids = _ids()
+    out = _compiled(model, rec)(ids)
+    ref = reference(input_ids=ids).logits
+    seed = torch.randn_like(ref)
+    out.backward(seed)
+    ref.backward(seed)
+    assert_close_bf16(out, ref)
+    assert_close_bf16(_blocks(model)[0].experts[2].gate_proj.weight.grad,
+                      _blocks(reference)[0].experts[2].gate_proj.weight.grad)
+    assert counters["graph_moe"]["loops_rewritten"] == 2
+
+
+def test_peft_after_install_uses_the_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    model = _frozen()
+    graph_moe.install(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    report = graph_moe.install(peft_model)
+    assert all(b.status == "already installed" for b in report.blocks)
+    reference = copy.deepcopy(peft_model)
+    graph_moe.uninstall(reference)
+    rec = Recorder()
+    ids = _ids()
+    compiled = torch.compile(peft_model, backend=rec.backend)
+    with graph_moe.capture_settings():
+        out = compiled(input_ids=ids, use_cache=False).logits
+    assert_close_bf16(out, reference(input_ids=ids).logits)
+    assert counters["graph_moe"]["loops_found"] == 2
