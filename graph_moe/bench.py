@@ -99,13 +99,13 @@ def grouped_reference(block):
     return forward
 
 
-def graph_moe_block(block, mode=None):
+def graph_moe_block(block, mode=None, layout=True):
     import copy
 
     import graph_moe
 
     ours = copy.deepcopy(block)
-    graph_moe.install(ours)
+    graph_moe.install(ours, layout=layout)
     compiled = torch.compile(ours, backend=graph_moe.make_backend("inductor", mode=mode))
 
     def forward(hidden):
@@ -115,7 +115,7 @@ def graph_moe_block(block, mode=None):
     return forward
 
 
-def run(shapes, token_counts, with_loop=True) -> list[dict]:
+def run(shapes, token_counts, with_loop=True, stacked=False) -> list[dict]:
     from torch._dynamo.utils import counters
 
     ceilings = card_ceilings()
@@ -128,6 +128,8 @@ def run(shapes, token_counts, with_loop=True) -> list[dict]:
         variants = {"grouped_eager": grouped_reference(block)}
         variants["grouped_compiled"] = torch.compile(variants["grouped_eager"], fullgraph=True)
         variants["graph_moe"] = graph_moe_block(block)
+        if stacked:
+            variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
             variants["hf_loop"] = lambda x: block(x)[0]
         for tokens in token_counts:
@@ -153,8 +155,8 @@ def run(shapes, token_counts, with_loop=True) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
                 row[f"{vname}_fwd_bwd_ms"] = _cuda_time(fwd_bwd)
                 row[f"{vname}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                if vname == "graph_moe":
-                    row["graph_moe_loops_rewritten"] = int(counters["graph_moe"]["loops_rewritten"])
+                if vname.startswith("graph_moe"):
+                    row[f"{vname}_loops_rewritten"] = int(counters["graph_moe"]["loops_rewritten"])
                 log.info("%s %d tokens %s: fwd %.3f ms, fwd+bwd %.3f ms", name, tokens, vname,
                          row[f"{vname}_fwd_ms"], row[f"{vname}_fwd_bwd_ms"])
             results.append(row)
@@ -183,12 +185,13 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"], choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 16384])
     p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")
+    p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    results = run(args.shapes, args.tokens, with_loop=not args.no_loop)
+    results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     print(table(results))
