@@ -16,8 +16,10 @@ if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isdir(_
 from graph_moe.backend import backend, make_backend  # noqa: E402
 from graph_moe.compile import capture_settings, compile
 from graph_moe.explain import Explanation, explain
+from graph_moe.inductor_pass import GraphMoePass, inductor_options, inductor_pass
 from graph_moe.install import InstallReport, install, uninstall
 from graph_moe.report import LoopReport, counter_snapshot
 
 __all__ = ["backend", "make_backend", "compile", "capture_settings", "explain", "Explanation", "install",
-           "uninstall", "InstallReport", "LoopReport", "counter_snapshot"]
+           "uninstall", "InstallReport", "LoopReport", "counter_snapshot", "inductor_pass", "inductor_options",
+           "GraphMoePass"]

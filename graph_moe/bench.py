@@ -123,6 +123,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False) -> list[dict]:
              ceilings["tflops"], ceilings["copy_tbps"])
     results = []
     for name in shapes:
+        torch._dynamo.reset()  # each shape compiles afresh (the recompile limit counts per code object)
         shape = SHAPES[name]
         block = hf_block(shape)
         variants = {"grouped_eager": grouped_reference(block)}
