@@ -9,13 +9,14 @@ reported with the reason.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.fx as fx
 
 from graph_moe.report import LoopReport
 
-from .emit_grouped import emit
+from .emit_grouped import _fits_grouped_mm, emit
 from .find_loops import LoopCandidate, find_loop_candidates
 from .ops import example_value
 from .prove_bodies import ProvenLoop, Unprovable, prove
@@ -24,15 +25,14 @@ log = logging.getLogger("graph_moe")
 
 
 def _block_name(cand: LoopCandidate) -> str:
+    """'model.layers.0.mlp' from Dynamo's module stack (L['self'].__dict__['_modules']['model']...)."""
     stack = cand.steps[0].index_add.meta.get("nn_module_stack") or {}
     if not stack:
         return cand.accumulator.name
-    path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']", "L['mod']."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    path = path.replace("._modules['", ".").replace("']", "")
-    return path or "self"
+    path = re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", list(stack.values())[-1][0])  # L['self'], L['args'][0]
+    words = re.findall(r"\['([^']+)'\]|\.(\w+)|\[(\d+)\]", path)
+    parts = [w for group in words for w in group if w and w not in ("_modules", "__dict__")]
+    return ".".join(parts) or "self"
 
 
 def _top_k(cand: LoopCandidate):
@@ -42,20 +42,12 @@ def _top_k(cand: LoopCandidate):
     return k if isinstance(k, int) else None
 
 
-def _check_kernel(loop: ProvenLoop) -> None:
-    """torch._grouped_mm compiles only in bf16, and needs 16-byte row strides on CUDA."""
-    for g in loop.linears:
-        x = example_value(g.node.args[0])
-        w = example_value(g.weights[0])
-        for what, t in (("rows", x), ("expert weights", w)):
-            if t.dtype != torch.bfloat16:
-                raise Unprovable(f"the {what} of {g.node.name} are {t.dtype}; torch._grouped_mm compiles only "
-                                 "in bfloat16 (cast the model with .to(torch.bfloat16) to group this loop)")
-        if w.device.type == "cuda":
-            for size in (*w.shape[-2:],):
-                if isinstance(size, int) and size % 8:
-                    raise Unprovable(f"{g.node.name} has a dimension of {size}, not a multiple of 8: "
-                                     "the CUDA grouped GEMM needs 16-byte aligned rows")
+def _fallback_note(loop: ProvenLoop) -> str:
+    """Which GEMMs take the graph_moe::grouped_mm fallback (not bfloat16, or rows not 16-byte aligned)."""
+    slow = [g for g in loop.linears if not _fits_grouped_mm(example_value(g.node.args[0]), example_value(g.weights[0]))]
+    if not slow:
+        return ""
+    return f" ({len(slow)} of {len(loop.linears)} as graph_moe::grouped_mm: not bfloat16 or not 16-byte aligned; one host sync each)"
 
 
 def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> list[LoopReport]:
@@ -68,8 +60,10 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> l
             if cand.problem:
                 raise Unprovable(cand.problem)
             loop = prove(cand)
-            _check_kernel(loop)
+            note = _fallback_note(loop)
             projections = emit(loop, fuse_projections=fuse_projections)
+            if note:
+                projections[-1] += note
         except Unprovable as why:
             reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, str(why)))
             continue

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
 from .ops import ZERO_FACTORIES, example_value, is_getitem, op_name
 from .prove_bodies import ProvenLoop, Unprovable
 
@@ -207,7 +208,11 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
 
 
 def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
-    out = b.call(torch._grouped_mm, x, b.method("transpose", w, -2, -1), offs=offsets, name=re.sub(r"\W", "_", name))
+    w_t = b.method("transpose", w, -2, -1)
+    if _fits_grouped_mm(example_value(x), example_value(w)):
+        out = b.call(torch._grouped_mm, x, w_t, offs=offsets, name=re.sub(r"\W", "_", name))
+    else:  # the compiled torch._grouped_mm takes bfloat16 only
+        out = b.call(torch.ops.graph_moe.grouped_mm, x, w_t, offsets, name=re.sub(r"\W", "_", name))
     if any(g.biases for g in linears):
         if not all(g.biases for g in linears):
             raise Unprovable("fused projections with and without bias")
@@ -215,6 +220,12 @@ def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
             else _stack(b, linears[0].biases, "stacked_bias")
         out = b.call(operator.add, out, b.call(operator.getitem, bias, sorted_ids, name="row_bias"))
     return out
+
+
+def _fits_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm under compile: bfloat16, and rows of whole 16-byte units (8 elements)."""
+    return (x.dtype == w.dtype == torch.bfloat16
+            and all(statically_known_true(s % 8 == 0) for s in (*w.shape[-2:], x.shape[-1])))
 
 
 def _fusable_pairs(linears):

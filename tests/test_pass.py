@@ -139,3 +139,19 @@ def test_dynamic_weight_shapes_after_another_block_size():
         x = torch.randn(2, seq, hidden, dtype=torch.bfloat16)
         assert_close_bf16(torch.compile(module, backend=rec.backend)(x), module(x))
     assert len(rec.reports) == 3 and all(r.rewritten for r in rec.reports), [str(r) for r in rec.reports]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_dtypes_use_the_fallback_op(dtype):
+    torch.manual_seed(5)
+    module = RangeMoE(num_experts=4, top_k=2, bias=True).to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    rec = Recorder()
+    ref, out, ref_grads, out_grads = _run(module, x, rec)
+    (report,) = rec.reports
+    assert report.rewritten and "graph_moe::grouped_mm" in str(report)
+    assert rec.count("_grouped_mm") == 0 and rec.count("index_add_") == 0
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(out_grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)

@@ -61,16 +61,6 @@ def test_body_reading_another_experts_weight_is_left_alone():
     _assert_skipped(_compile_and_compare(module, Recorder()), "expert")
 
 
-def test_float32_is_left_alone_with_advice():
-    torch.manual_seed(0)
-    module = RangeMoE(num_experts=4, top_k=2)
-    rec = Recorder()
-    x = torch.randn(2, 5, 16)
-    out = torch.compile(module, backend=rec.backend)(x)
-    torch.testing.assert_close(out, module(x))
-    _assert_skipped(rec.reports, "bfloat16")
-
-
 def test_value_used_outside_the_loop_is_left_alone():
     class Leaky(RangeMoE):
         def forward(self, hidden_states):
