@@ -32,7 +32,8 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     for expert_idx in range(num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
-        expert_out = experts[expert_idx](current_state) if layout is None else layout.expert(expert_idx, current_state)
+        expert = experts[expert_idx]
+        expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert)
         current_hidden_states = expert_out * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
     return final_hidden_states

@@ -9,9 +9,11 @@ memory. The traceable forward then computes expert e from `gate_up[e]` and `down
 hands `gate_up` and `down` to torch._grouped_mm as they are.
 
 The layout is used only while it is provably current. `usable_layout` is traced by Dynamo, which
-guards each fact it reads: the projection modules are the ones laid out (PEFT wrapping replaces them),
-their weights do not require grad, and the layout was not invalidated (a parameter re-registered on a
-laid-out Linear, e.g. `load_state_dict(assign=True)`). `.to()`/`.cuda()`/`.half()` rebuild the views.
+guards each fact it reads: the projection modules are the ones laid out, or PEFT LoRA wrappers around
+them in plain use (unmerged, vanilla LoRA: the adapters are added as PEFT adds them), their weights do
+not require grad, and the layout was not invalidated (a parameter re-registered on a laid-out Linear,
+e.g. `load_state_dict(assign=True)`). `.to()`/`.cuda()`/`.half()` rebuild the views. Assigning a new
+tensor to `weight.data` by hand bypasses all of this: call `graph_moe.install(model)` again after it.
 When any check fails the forward falls back to calling the expert modules, which the pass groups by
 stacking: slower, never stale.
 """
@@ -39,10 +41,38 @@ class ExpertLayout:
     act_fn: Callable
     valid: bool = True
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e's MLP, down(act(gate(x)) * up(x)), with gate and up in one matmul."""
+    def expert(self, e: int, x: torch.Tensor, expert: nn.Module) -> torch.Tensor:
+        """Expert e's MLP, down(act(gate(x)) * up(x)): gate and up in one matmul on the layout, plus the
+        LoRA adapters of PEFT-wrapped projections."""
+        gate_mod, up_mod, down_mod = (getattr(expert, n) for n in self.names)
         gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, self.down[e])
+        hidden = self.act_fn(_plus_lora(gate_mod, x, gate)) * _plus_lora(up_mod, x, up)
+        return _plus_lora(down_mod, hidden, F.linear(hidden, self.down[e]))
+
+
+def _plus_lora(module: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """What PEFT's lora.Linear.forward adds after its base layer (vanilla LoRA, unmerged)."""
+    if not hasattr(module, "lora_A"):
+        return result
+    dtype = result.dtype
+    for name in module.active_adapters:
+        if name not in module.lora_A.keys():
+            continue
+        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+        x = module._cast_input_dtype(x, lora_a.weight.dtype)
+        result = result + lora_b(lora_a(module.lora_dropout[name](x))) * module.scaling[name]
+    return result.to(dtype)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The Linear under a PEFT LoRA wrapper, or the module itself."""
+    return module.base_layer if hasattr(module, "lora_A") and hasattr(module, "base_layer") else module
+
+
+def _plain_lora(module: nn.Module, lin: nn.Module) -> bool:
+    """A PEFT lora.Linear around `lin` whose forward is base + vanilla LoRA (what `_plus_lora` computes)."""
+    return (getattr(module, "base_layer", None) is lin and hasattr(module, "lora_A") and not module.disable_adapters
+            and not module.merged and not module.lora_variant and not module.fan_in_fan_out)
 
 
 # Laid-out Linear -> its layout, to invalidate the layout when a parameter is re-registered on it.
@@ -67,7 +97,10 @@ def _why_not(block: nn.Module, names) -> str | None:
         if expert._forward_hooks or expert._forward_pre_hooks:
             return f"expert {e} has hooks"
         for name in names:
-            lin = getattr(expert, name, None)
+            module = getattr(expert, name, None)
+            lin = _base(module)
+            if module is not lin and not _plain_lora(module, lin):
+                return f"experts[{e}].{name} is a LoRA layer in a state graph_moe does not lay out (merged, DoRA, ...)"
             if type(lin) is not nn.Linear:
                 return f"experts[{e}].{name} is a {type(lin).__name__}, not a plain nn.Linear"
             if lin.bias is not None or lin.weight.requires_grad or lin._forward_hooks or lin._forward_pre_hooks:
@@ -79,7 +112,7 @@ def _why_not(block: nn.Module, names) -> str | None:
 
 
 def _build(block: nn.Module, names) -> ExpertLayout:
-    linears = [tuple(getattr(x, n) for n in names) for x in block.experts]
+    linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
     gate_up = torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in linears]).detach()
     down = torch.stack([d.weight for _, _, d in linears]).detach()
     inter = linears[0][0].out_features
@@ -126,6 +159,7 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
         return None
     for expert, lins in zip(block.experts, layout.linears):
         for name, lin in zip(layout.names, lins):
-            if getattr(expert, name) is not lin or lin.weight.requires_grad:
+            module = getattr(expert, name)
+            if lin.weight.requires_grad or (module is not lin and not _plain_lora(module, lin)):
                 return None
     return layout

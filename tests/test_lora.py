@@ -33,6 +33,7 @@ def test_lora_on_every_expert_matches_eager(adapter_fp32):
     model = _lora_model(adapter_fp32)
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}  # base weights
     ids = torch.randint(0, 64, (2, 6))
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
@@ -64,3 +65,17 @@ def test_lora_dropout_is_rewritten():
     model = _lora_model(adapter_fp32=False, dropout=0.1)
     explanation = graph_moe.explain(model, torch.randint(0, 64, (1, 6)))
     assert explanation.rewritten == 2, str(explanation)
+
+
+def test_merged_adapters_fall_back_to_the_modules():
+    model = _lora_model(adapter_fp32=False)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(0, 64, (2, 6))
+    for merge in (True, False):
+        (model.merge_adapter if merge else model.unmerge_adapter)()
+        reference = copy.deepcopy(model)
+        graph_moe.uninstall(reference)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False).logits
+            ref = reference(input_ids=ids, use_cache=False).logits
+        assert_close_bf16(out, ref, f"merged={merge}")
