@@ -5,21 +5,28 @@
     graph_moe.explain(model, input_ids)               # what was found, rewritten or left, and why
 """
 
+import importlib.util as _util
 import os as _os
+import sys as _sys
 
-# From a source checkout that is not installed (PYTHONPATH=.), find graph_moe.passes in ../passes, where
-# the installed package gets it through setuptools' package-dir mapping.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "passes")) and _os.path.isdir(_os.path.join(_root, "passes")):
-    __path__.append(_root)
+# From a source checkout that is not installed (PYTHONPATH=.), load graph_moe.passes from ../passes; installs
+# (editable or not) get it through setuptools' package-dir mapping. The checkout root never goes on __path__:
+# it holds graph_moe/ itself, and torch walks this package's submodules when TORCH_LOGS names graph_moe.
+_passes = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "passes")
+if _util.find_spec("graph_moe.passes") is None and _os.path.isfile(_os.path.join(_passes, "__init__.py")):
+    _spec = _util.spec_from_file_location("graph_moe.passes", _os.path.join(_passes, "__init__.py"),
+                                          submodule_search_locations=[_passes])
+    _sys.modules["graph_moe.passes"] = passes = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(passes)
 
 from graph_moe.backend import backend, make_backend  # noqa: E402
-from graph_moe.compile import capture_settings, compile
-from graph_moe.explain import Explanation, explain
-from graph_moe.inductor_pass import GraphMoePass, inductor_options, inductor_pass
-from graph_moe.install import InstallReport, install, uninstall
-from graph_moe.report import LoopReport, counter_snapshot
+from graph_moe.compile import capture_settings, compile  # noqa: E402
+from graph_moe.dump import DumpIndex, dump  # noqa: E402
+from graph_moe.explain import Explanation, explain  # noqa: E402
+from graph_moe.inductor_pass import GraphMoePass, inductor_options, inductor_pass  # noqa: E402
+from graph_moe.install import InstallReport, install, uninstall  # noqa: E402
+from graph_moe.report import LoopReport, counter_snapshot  # noqa: E402
 
-__all__ = ["backend", "make_backend", "compile", "capture_settings", "explain", "Explanation", "install",
-           "uninstall", "InstallReport", "LoopReport", "counter_snapshot", "inductor_pass", "inductor_options",
+__all__ = ["backend", "make_backend", "compile", "capture_settings", "explain", "Explanation", "dump", "DumpIndex",
+           "install", "uninstall", "InstallReport", "LoopReport", "counter_snapshot", "inductor_pass", "inductor_options",
            "GraphMoePass"]

@@ -99,6 +99,22 @@ def grouped_reference(block):
     return forward
 
 
+def with_lora(block, rank=16):
+    """A copy of `block` with PEFT LoRA (bf16 adapters) on every expert projection; base weights frozen."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = copy.deepcopy(block)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["gate_proj", "up_proj",
+                                                                                   "down_proj"]), lora)
+    for name, p in lora.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16).normal_(0, 0.02)
+    return lora
+
+
 def graph_moe_block(block, mode=None, layout=True):
     import copy
 
@@ -115,7 +131,7 @@ def graph_moe_block(block, mode=None, layout=True):
     return forward
 
 
-def run(shapes, token_counts, with_loop=True, stacked=False) -> list[dict]:
+def run(shapes, token_counts, with_loop=True, stacked=False, lora=False) -> list[dict]:
     from torch._dynamo.utils import counters
 
     ceilings = card_ceilings()
@@ -133,9 +149,16 @@ def run(shapes, token_counts, with_loop=True, stacked=False) -> list[dict]:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
             variants["hf_loop"] = lambda x: block(x)[0]
+        if lora:
+            lora_block = with_lora(block)
+            variants["graph_moe_lora"] = graph_moe_block(lora_block)
+            if with_loop:
+                variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
         for tokens in token_counts:
             x = torch.randn(1, tokens, shape[2], device="cuda", dtype=torch.bfloat16)
-            ref = block(x)[0]
+            refs = {"": block(x)[0]}
+            if lora:
+                refs["lora"] = lora_block(x)[0]
             row = {"shape": name, "tokens": tokens, "roofline_fwd_ms": roofline_ms(shape, tokens, ceilings),
                    "roofline_fwd_bwd_ms": roofline_ms(shape, tokens, ceilings, backward=True)}
             for vname, fn in variants.items():
@@ -144,6 +167,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False) -> list[dict]:
                 out = fn(x)
                 torch.cuda.synchronize()
                 row[f"{vname}_first_call_s"] = time.perf_counter() - t0
+                ref = refs["lora" if vname.endswith("_lora") else ""]
                 row[f"{vname}_max_diff"] = (out.float() - ref.float()).abs().max().item()
                 row[f"{vname}_fwd_ms"] = _cuda_time(lambda: fn(x))
                 xg = x.clone().requires_grad_()
@@ -187,13 +211,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 16384])
     p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")
     p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
+    p.add_argument("--lora", action="store_true", help="also LoRA r=16 on every expert projection (PEFT)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked)
+    results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
+    diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}
+    log.info("largest |output - HF loop| per variant: %s", {k: f"{v:.3g}" for k, v in diffs.items()})
     print(table(results))
     return 0

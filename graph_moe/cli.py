@@ -45,7 +45,8 @@ def _explain(args):
 def _dump(args):
     from graph_moe.dump import dump_config
 
-    index = dump_config(args.model, args.out, args.tokens)
+    index = dump_config(args.model, args.out, args.tokens, layers=args.layers, experts=args.experts,
+                        top_k=args.top_k, hidden=args.hidden, intermediate=args.intermediate)
     print(index)
     return 0
 

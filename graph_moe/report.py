@@ -7,6 +7,8 @@ import logging
 
 from torch._dynamo.utils import counters
 
+from graph_moe import logs
+
 log = logging.getLogger("graph_moe")
 
 
@@ -29,15 +31,20 @@ class LoopReport:
 
 
 def record(reports: list[LoopReport]) -> None:
-    """Feed the ecosystem's compile counters and the `graph_moe` log."""
+    """Feed the ecosystem's compile counters, the `graph_moe` artifact (one line per loop, shown by
+    `TORCH_LOGS=graph_moe`) and the `graph_moe` log (a warning per loop left as traced, an INFO summary)."""
     c = counters["graph_moe"]
+    per_loop = logs.loop_logger()
     for r in reports:
         c["loops_found"] += 1
         c["loops_rewritten" if r.rewritten else "loops_skipped"] += 1
-        if r.rewritten:
-            log.debug("rewrote %s", r)
-        else:
+        per_loop.debug("%s expert loop %s", "rewrote" if r.rewritten else "skipped", r)
+        if not r.rewritten:
             log.warning("graph_moe left a loop as traced: %s", r)
+    if reports:
+        rewritten = sum(r.rewritten for r in reports)
+        log.info("graph_moe: %d expert loop(s) in this graph, %d rewritten into grouped GEMMs, %d left as traced",
+                 len(reports), rewritten, len(reports) - rewritten)
 
 
 def reset_counters() -> None:
