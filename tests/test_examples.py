@@ -1,0 +1,18 @@
+"""The examples run as a user would run them (aot_eager inner compiler to keep CI short)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "lora_finetune.py"])
+def test_example_runs(script):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", "aot_eager",
+                           "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 1: loss" in proc.stdout
+    assert "'loops_rewritten': 0" not in proc.stdout and "loops_rewritten" in proc.stdout
