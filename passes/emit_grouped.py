@@ -5,9 +5,10 @@
     token_index / slot_index = token_order // K, token_order % K the coordinates torch.where gave
     ... expert 0's body, once over all S = tokens * top_k rows, each per-expert linear as
         torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=expert_offsets)
-    combined = rows_out[argsort(token_order)].unflatten(0, (-1, K)).sum(slot dim)
+    combined = scatter rows back to (token, slot) order, .unflatten(0, (-1, K)).sum(slot dim)
 
-The combine un-permutes and sums over the k slots: a gather and a reduction, no atomics.
+The combine un-permutes and sums over the k slots: a scatter with unique indices and a reduction,
+no atomics.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
@@ -171,8 +172,10 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
         env[node] = b.copy(node, env)
 
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
-    inverse = b.call(torch.argsort, token_order, name="inverse_order")
-    by_token = b.method("index_select", rows_out, 0, inverse, name="rows_by_token")
+    # Back to (token, slot) order by a scatter with unique indices: no atomics forward, and its
+    # gradient is a gather (an index_select here would put an atomic index_add in the backward).
+    by_token = b.method("index_put", b.call(torch.empty_like, rows_out, name="rows_by_token_empty"),
+                        (token_order,), rows_out, name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
     combined = b.method("sum", by_token, 1 - token_dim, name="expert_output")
 

@@ -1,4 +1,4 @@
-"""The examples run as a user would run them (aot_eager inner compiler to keep CI short)."""
+"""The examples run as a user would run them (eager / aot_eager inner compilers keep CI short)."""
 
 import os
 import subprocess
@@ -9,9 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "lora_finetune.py"])
-def test_example_runs(script):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", "aot_eager",
+@pytest.mark.parametrize("script,inner", [("quickstart.py", "eager"), ("lora_finetune.py", "aot_eager")])
+def test_example_runs(script, inner):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", inner,
                            "--steps", "2"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1: loss" in proc.stdout
