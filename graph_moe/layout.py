@@ -103,8 +103,10 @@ def _why_not(block: nn.Module, names) -> str | None:
                 return f"experts[{e}].{name} is a LoRA layer in a state graph_moe does not lay out (merged, DoRA, ...)"
             if type(lin) is not nn.Linear:
                 return f"experts[{e}].{name} is a {type(lin).__name__}, not a plain nn.Linear"
-            if lin.bias is not None or lin.weight.requires_grad or lin._forward_hooks or lin._forward_pre_hooks:
-                return f"experts[{e}].{name} is trainable, has a bias or has hooks"
+            if lin.weight.requires_grad:
+                return "trainable experts (stacked per forward, so gradients reach every expert weight)"
+            if lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks:
+                return f"experts[{e}].{name} has a bias or hooks"
             dtypes.add((lin.weight.dtype, lin.weight.device))
     if len(dtypes) > 1:
         return "expert weights of mixed dtypes or devices"
