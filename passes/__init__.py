@@ -9,6 +9,7 @@ reported with the reason.
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import torch
@@ -50,6 +51,18 @@ def _fallback_note(loop: ProvenLoop) -> str:
     return f" ({len(slow)} of {len(loop.linears)} as graph_moe::grouped_mm: not bfloat16 or not 16-byte aligned; one host sync each)"
 
 
+def _prove(cand: LoopCandidate) -> ProvenLoop:
+    """prove(), with any unexpected error turned into a skip: a pass bug must never break a user's compile."""
+    try:
+        return prove(cand)
+    except Unprovable:
+        raise
+    except Exception as e:
+        if os.environ.get("GRAPH_MOE_DEBUG"):
+            raise
+        raise Unprovable(f"internal error while proving the loop ({e!r}); please report it") from e
+
+
 def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> list[LoopReport]:
     """Rewrite every provable expert loop of `gm` in place; one report per loop found."""
     reports = []
@@ -59,7 +72,7 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> l
         try:
             if cand.problem:
                 raise Unprovable(cand.problem)
-            loop = prove(cand)
+            loop = _prove(cand)
             note = _fallback_note(loop)
             projections = emit(loop, fuse_projections=fuse_projections)
             if note:

@@ -428,8 +428,10 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
         if matched_body != len(b0.nodes) or len(b.nodes) != len(b0.nodes):
             raise Unprovable(f"expert {s.expert}'s body has {len(b.nodes)} ops, expert 0's has {len(b0.nodes)}")
 
-    where_val = example_value(steps[0].where)
-    row = where_val[0].shape[0].node.expr
+    rows = example_value(steps[0].where)[0].shape[0]
+    if not isinstance(rows, torch.SymInt):
+        raise Unprovable(f"the rows per expert have a static count ({rows}, e.g. an empty batch): nothing to group")
+    row = rows.node.expr
     graph_order = {n: i for i, n in enumerate(steps[0].where.graph.nodes)}
     template = sorted(b0.nodes, key=graph_order.__getitem__)
     checker = _RowCheck(b0, row)
