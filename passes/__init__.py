@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from graph_moe.report import LoopReport
 
-from .emit_grouped import _fits_grouped_mm, emit
+from .emit_grouped import emit
 from .find_loops import LoopCandidate, find_loop_candidates
 from .ops import example_value
 from .prove_bodies import ProvenLoop, Unprovable, prove
@@ -29,7 +29,7 @@ def _block_name(cand: LoopCandidate) -> str:
     """'model.layers.0.mlp' from Dynamo's module stack (L['self'].__dict__['_modules']['model']...)."""
     stack = cand.steps[0].index_add.meta.get("nn_module_stack") or {}
     if not stack:
-        return cand.accumulator.name
+        return "the compiled module (top level)"
     path = re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", list(stack.values())[-1][0])  # L['self'], L['args'][0]
     words = re.findall(r"\['([^']+)'\]|\.(\w+)|\[(\d+)\]", path)
     parts = [w for group in words for w in group if w and w not in ("_modules", "__dict__")]
@@ -41,14 +41,6 @@ def _top_k(cand: LoopCandidate):
         return None
     k = example_value(cand.ids).shape[-1]  # ids are (tokens, top_k)
     return k if isinstance(k, int) else None
-
-
-def _fallback_note(loop: ProvenLoop) -> str:
-    """Which GEMMs take the graph_moe::grouped_mm fallback (not bfloat16, or rows not 16-byte aligned)."""
-    slow = [g for g in loop.linears if not _fits_grouped_mm(example_value(g.node.args[0]), example_value(g.weights[0]))]
-    if not slow:
-        return ""
-    return f" ({len(slow)} of {len(loop.linears)} as graph_moe::grouped_mm: not bfloat16 or not 16-byte aligned; one host sync each)"
 
 
 def _prove(cand: LoopCandidate) -> ProvenLoop:
@@ -73,13 +65,15 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> l
             if cand.problem:
                 raise Unprovable(cand.problem)
             loop = _prove(cand)
-            note = _fallback_note(loop)
-            projections = emit(loop, fuse_projections=fuse_projections)
-            if note:
-                projections[-1] += note
+            gemms = emit(loop, fuse_projections=fuse_projections)
         except Unprovable as why:
             reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, str(why)))
             continue
+        projections = [name for name, _ in gemms]
+        slow = sum(fallback for _, fallback in gemms)
+        if slow:
+            projections[-1] += (f" ({slow} of {len(gemms)} as graph_moe::grouped_mm: not bfloat16 or not 16-byte "
+                                "aligned; one host sync each)")
         reports.append(LoopReport(block, num_experts, _top_k(cand), projections, True))
     if any(r.rewritten for r in reports):
         gm.graph.lint()

@@ -100,8 +100,8 @@ def _projection_name(weight: fx.Node) -> str:
 _NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules", "parameters"}
 
 
-def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[str]:
-    """Rewrite the loop in place; returns the names of the grouped projections."""
+def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, bool]]:
+    """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate
     graph = cand.accumulator.graph
     ids = cand.ids
@@ -157,17 +157,17 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                 names = f"{_projection_name(g.weights[0])}+{_projection_name(partner.weights[0])}"
                 w_a, w_b = _stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")
                 w = b.call(torch.cat, [w_a, w_b], 1, name="stacked_weight")
-                out = _grouped(b, x, w, offsets, [g, partner], sorted_ids, names)
+                out, fallback = _grouped(b, x, w, offsets, [g, partner], sorted_ids, names)
                 split = b.method("split", out, [b.size(w_a, 1), b.size(w_b, 1)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
                 env[partner.node] = b.call(operator.getitem, split, 1,
                                            name=re.sub(r"\W", "_", _projection_name(partner.weights[0])))
-                projections.append(names)
+                projections.append((names, fallback))
             else:
                 name = _projection_name(g.weights[0])
                 w = _stack(b, g.weights, "stacked_weight")
-                env[node] = _grouped(b, x, w, offsets, [g], sorted_ids, name)
-                projections.append(name)
+                env[node], fallback = _grouped(b, x, w, offsets, [g], sorted_ids, name)
+                projections.append((name, fallback))
             continue
         env[node] = b.copy(node, env)
 
@@ -212,7 +212,8 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
 
 def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
     w_t = b.method("transpose", w, -2, -1)
-    if _fits_grouped_mm(example_value(x), example_value(w)):
+    fallback = not _fits_grouped_mm(example_value(x), example_value(w))
+    if not fallback:
         out = b.call(torch._grouped_mm, x, w_t, offs=offsets, name=re.sub(r"\W", "_", name))
     else:  # the compiled torch._grouped_mm takes bfloat16 only
         out = b.call(torch.ops.graph_moe.grouped_mm, x, w_t, offsets, name=re.sub(r"\W", "_", name))
@@ -222,7 +223,7 @@ def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
         bias = b.call(torch.cat, [_stack(b, g.biases, "bias") for g in linears], 1) if len(linears) > 1 \
             else _stack(b, linears[0].biases, "stacked_bias")
         out = b.call(operator.add, out, b.call(operator.getitem, bias, sorted_ids, name="row_bias"))
-    return out
+    return out, fallback
 
 
 def _fits_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -22,10 +22,6 @@ import torch.fx as fx
 from .ops import INDEX_ADD, example_value, is_getitem, op_name
 
 
-class NotALoop(Exception):
-    """A chain that looked like an expert loop but is not one; the message says why."""
-
-
 @dataclasses.dataclass
 class ExpertStep:
     """One unrolled iteration: expert `expert`'s contribution `source` added at `index`."""
@@ -64,9 +60,10 @@ def _index_add_parts(node: fx.Node):
             vals[name] = kw.pop(name)
         else:
             return None
-    if kw:  # alpha=..., out=...
+    alpha = kw.pop("alpha", 1)
+    if kw:  # out=...
         return None
-    return vals["self"], vals["dim"], vals["index"], vals["source"]
+    return vals["self"], vals["dim"], vals["index"], vals["source"], alpha
 
 
 def _chains(graph: fx.Graph):
@@ -126,7 +123,9 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
         cand = LoopCandidate(accumulator=root, inplace=inplace, steps=[])
         masks = set()
         for n in nodes:
-            _, dim, index, source = _index_add_parts(n)
+            _, dim, index, source, alpha = _index_add_parts(n)
+            if alpha != 1:
+                cand.problem = cand.problem or f"index_add_ scales its rows by alpha={alpha}"
             where = index.args[0] if isinstance(index, fx.Node) and is_getitem(index) else None
             expert = _expert_of(where) if isinstance(where, fx.Node) else None
             if expert is None:
@@ -138,8 +137,6 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
             cand.steps.append(ExpertStep(expert[1], where, n, index, source))
         if not cand.steps:
             continue  # an index_add_ that has nothing to do with experts
-        if len(nodes) < 1:
-            continue
         if len(masks) > 1:
             cand.problem = cand.problem or "the links select from different expert masks"
         if not cand.problem:
@@ -157,4 +154,4 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
     return found
 
 
-__all__ = ["find_loop_candidates", "LoopCandidate", "ExpertStep", "NotALoop"]
+__all__ = ["find_loop_candidates", "LoopCandidate", "ExpertStep"]

@@ -7,6 +7,7 @@ Dynamo graphs call torch functions (`torch._C._nn.linear`, `operator.mul`), and 
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -78,3 +79,14 @@ def is_inplace(node: fx.Node) -> bool:
     if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.is_mutable
     return name in {"iadd", "isub", "imul", "itruediv"}
+
+
+def source_name(node: fx.Node) -> str:
+    """'experts.0.up_proj.weight' for a Dynamo placeholder of L['self']._modules['experts']...['weight']."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    text = (name() if callable(name) else name) or node.name
+    text = re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", text)
+    words = re.findall(r"\['([^']+)'\]|\.(\w+)|\[(\d+)\]", text)
+    parts = [w for group in words for w in group if w and w not in ("_modules", "_parameters", "_buffers", "__dict__")]
+    return ".".join(parts) or node.name

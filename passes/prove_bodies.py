@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .find_loops import LoopCandidate
 from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, NORMS, SIZE, example_value,
-                  is_getitem, is_inplace, op_name)
+                  is_getitem, is_inplace, op_name, source_name)
 
 
 class Unprovable(Exception):
@@ -404,6 +404,22 @@ def _check_accumulator(cand: LoopCandidate, first: fx.Node, last: fx.Node, erase
             raise Unprovable(f"{n.name} ({op_name(n)}) writes to a tensor in the middle of the loop")
 
 
+def _no_shared_parameters(bodies: list[_Body]) -> None:
+    """A graph input read by some experts' bodies but not all: a weight shared by a few experts, or one expert
+    reading another's parameters. Name it, rather than report the first place the bodies differ."""
+    readers: dict[fx.Node, set[int]] = {}
+    for b in bodies:
+        for n in b.nodes:
+            for a in n.all_input_nodes:
+                if a.op in ("placeholder", "get_attr") and isinstance(example_value(a), torch.nn.Parameter):
+                    readers.setdefault(a, set()).add(b.expert)
+    for param, experts in readers.items():
+        if 1 < len(experts) < len(bodies):
+            listed = ", ".join(map(str, sorted(experts)))
+            raise Unprovable(f"{source_name(param)} is read by experts {listed} (a weight shared or read across "
+                             "experts); every expert must use its own weights, or all the same one")
+
+
 def prove(cand: LoopCandidate) -> ProvenLoop:
     steps = sorted(cand.steps, key=lambda s: s.expert)
     steps_set = {s.index_add for s in steps}
@@ -418,6 +434,7 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
     for s, b in zip(steps, bodies):
         if b.coords.get(s.index) != token_output:
             raise Unprovable(f"expert {s.expert} adds its rows at a different torch.where output")
+    _no_shared_parameters(bodies)
     b0 = bodies[0]
     maps = [{n: n for n in b0.nodes | b0.leaves | b0.slices}]
     for s, b in zip(steps[1:], bodies[1:]):
