@@ -122,10 +122,11 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
         inplace = all(op_name(n) == "index_add_" for n in nodes)
         cand = LoopCandidate(accumulator=root, inplace=inplace, steps=[])
         masks = set()
+        scaled = ""  # set after routing, so that the report still gives top-k
         for n in nodes:
             _, dim, index, source, alpha = _index_add_parts(n)
             if alpha != 1:
-                cand.problem = cand.problem or f"index_add_ scales its rows by alpha={alpha}"
+                scaled = scaled or f"index_add_ scales its rows by alpha={alpha}"
             where = index.args[0] if isinstance(index, fx.Node) and is_getitem(index) else None
             expert = _expert_of(where) if isinstance(where, fx.Node) else None
             if expert is None:
@@ -150,6 +151,7 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
                 if experts != list(range(cand.num_experts)):
                     cand.problem = (f"the loop runs experts {experts[:8]}{'...' if len(experts) > 8 else ''}"
                                     f" but routing has {cand.num_experts}; every expert must run once")
+        cand.problem = cand.problem or scaled
         found.append(cand)
     return found
 

@@ -1,0 +1,577 @@
+"""Reliability: every loop the pass meets is either rewritten and equal to eager (forward and gradients),
+or left as traced, equal to eager, and reported with the block and the cause. Never a wrong answer, never a
+crash in the user's torch.compile.
+
+Odd sizes, empty and one-token batches, idle experts, other dtypes, autocast, MoE look-alikes (heterogeneous,
+shared or borrowed weights, hooks, two accumulators), train/eval, frozen experts, no_grad/inference_mode,
+and a property-based sweep over random block configurations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+from graph_moe.report import reset_counters
+from helpers import Recorder
+from moe_blocks import ACTIVATIONS, Expert, RangeMoE
+
+BF16 = torch.bfloat16
+TOL = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=3e-3, rtol=3e-3),
+       torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _close(a, b, what, tol):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _param_grads(module):
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in module.named_parameters()}
+
+
+def check_against_eager(module, x, rec, *, ctx=contextlib.nullcontext, backward=True, tol=None):
+    """Run eager and compiled (fresh input copies, same output seed); compare output, every parameter
+    gradient (None where eager has None) and the input gradient. Returns the compiled output."""
+    tol = tol or TOL[x.dtype if x.dtype in TOL else BF16]
+    compiled = torch.compile(module, backend=rec.backend)
+    x_ref, x_c = (x.clone().requires_grad_(backward) for _ in range(2))
+    module.zero_grad(set_to_none=True)
+    with ctx():
+        ref = module(x_ref)
+    if backward:
+        seed = torch.randn_like(ref)
+        ref.backward(seed)
+    ref_grads, ref_gx = _param_grads(module), x_ref.grad
+    module.zero_grad(set_to_none=True)
+    with ctx():
+        out = compiled(x_c)
+    assert out.dtype == ref.dtype, f"output dtype {out.dtype} vs eager {ref.dtype}"
+    _close(out, ref, "output", tol)
+    if backward:
+        out.backward(seed)
+        out_grads = _param_grads(module)
+        for name, g in ref_grads.items():
+            assert (g is None) == (out_grads[name] is None), f"{name}: eager grad {g is not None}, compiled " \
+                                                             f"{out_grads[name] is not None}"
+            if g is not None:
+                _close(out_grads[name], g, f"grad of {name}", tol)
+        _close(x_c.grad, ref_gx, "input grad", tol)
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_each_loop_accounted(reports, block=None):
+    """Rewritten, or left as traced with a reason that the printed report carries."""
+    assert reports, "no loop was found"
+    for r in reports:
+        if block is not None:
+            assert r.block == block and str(r).startswith(f"{block}: "), str(r)
+        if r.rewritten:
+            assert r.projections and not r.reason, str(r)
+        else:
+            assert r.reason.strip(), f"skipped without a reason: {r}"
+            assert f"left as traced: {r.reason}" in str(r)
+    found = counters["graph_moe"]["loops_found"]
+    assert found == len(reports)
+    assert counters["graph_moe"]["loops_rewritten"] == sum(r.rewritten for r in reports)
+
+
+def assert_rewritten(rec, n=1):
+    assert [r.rewritten for r in rec.reports] == [True] * n, [str(r) for r in rec.reports]
+    assert rec.count("index_add_", "index_add") == 0 and rec.count("where", "nonzero") == 0
+
+
+def assert_left_alone(rec, num_experts, *words):
+    (report,) = rec.reports
+    assert not report.rewritten, str(report)
+    assert all(w in report.reason for w in words), report.reason
+    assert rec.count("_grouped_mm", "grouped_mm") == 0
+    assert rec.count("index_add_") == num_experts  # exactly as traced
+    assert counters["graph_moe"]["loops_skipped"] == 1
+
+
+class Layer(nn.Module):
+    """Puts a block at `layers.0.mlp`, as in a decoder, so reports carry a module path."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.mlp = block
+
+    def forward(self, x):
+        return self.mlp(x) + x
+
+
+class Model(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(block)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+BLOCK = "layers.0.mlp"
+
+
+def _block(seed=0, dtype=BF16, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("num_experts", 4)
+    kw.setdefault("top_k", 2)
+    return RangeMoE(**kw).to(dtype)
+
+
+def _x(*shape, dtype=BF16, seed=100):
+    torch.manual_seed(seed)
+    return torch.randn(*shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sizes
+
+
+@pytest.mark.parametrize("hidden,inter,bias", [(12, 20, False), (16, 20, True)], ids=["h12-i20", "h16-i20-bias"])
+def test_sizes_not_multiple_of_8(hidden, inter, bias):
+    """Rows that are not 16-byte units: the graph_moe::grouped_mm fallback (or a reasoned skip), equal to eager."""
+    module = _block(hidden=hidden, inter=inter, bias=bias)
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, hidden), rec)
+    assert_each_loop_accounted(rec.reports)
+    (report,) = rec.reports
+    if report.rewritten:
+        assert rec.count("grouped_mm") >= 1, "an unaligned GEMM must take the fallback op"
+        assert "graph_moe::grouped_mm" in str(report)
+        assert rec.count("index_add_") == 0
+
+
+def test_fallback_note_counts_the_gemms_actually_emitted():
+    """hidden 16, inter 20: the fused gate+up weight (E, 40, 16) is aligned and runs as torch._grouped_mm, only
+    down_proj takes the fallback; the report must not claim every projection is on the slow op (it used to
+    say '3 of 3', counted per unfused linear)."""
+    module = _block(hidden=16, inter=20)
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, 16), rec)
+    (report,) = rec.reports
+    fast, slow = rec.count("_grouped_mm"), rec.count("grouped_mm")
+    assert (fast, slow) == (1, 1)
+    assert f"{slow} of {fast + slow} as graph_moe::grouped_mm" in str(report), str(report)
+
+
+@pytest.mark.parametrize("cfg", [dict(num_experts=3, top_k=3), dict(num_experts=1, top_k=1, dtype=torch.float32)],
+                         ids=["top_k-equals-E", "one-expert-fp32"])
+def test_top_k_equal_to_E_and_one_expert(cfg):
+    module = _block(seed=1, **cfg)
+    dtype = cfg.get("dtype", BF16)
+    rec = Recorder()
+    check_against_eager(module, _x(2, 4, 16, dtype=dtype), rec)
+    assert_rewritten(rec)
+    assert rec.reports[0].top_k == cfg["top_k"] and rec.reports[0].num_experts == cfg["num_experts"]
+
+
+def test_one_token():
+    module = _block(seed=2)
+    rec = Recorder()
+    check_against_eager(module, _x(1, 1, 16), rec)
+    assert_rewritten(rec)
+
+
+def test_empty_batch_does_not_crash():
+    """Regression: 0 tokens give torch.where a static row count, and prove() raised AttributeError (reading
+    .node of an int) inside the user's torch.compile."""
+    module = _block(seed=3)
+    rec = Recorder()
+    out = check_against_eager(module, _x(1, 0, 16), rec)
+    assert out.shape == (1, 0, 16)
+    assert_each_loop_accounted(rec.reports)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_idle_experts_and_every_token_on_one_expert(top_k):
+    """The router sends every token to expert 2 (and, for top-2, its second slot to expert 0): the other
+    experts get no rows, their gradients are zeros, as in eager."""
+    module = _block(seed=4, top_k=top_k)
+    with torch.no_grad():
+        module.gate.weight.zero_()
+        module.gate.weight[2] = 1.0
+        module.gate.weight[0] = 0.5
+    x = _x(2, 5, 16).abs()  # positive rows: expert 2 wins every token, expert 0 comes second
+    with torch.no_grad():
+        routed = torch.topk(module.gate(x.reshape(-1, 16)), top_k).indices
+    assert set(routed.flatten().tolist()) == ({2} if top_k == 1 else {2, 0})
+    rec = Recorder()
+    check_against_eager(module, x, rec)
+    assert_rewritten(rec)
+    # once more for the idle experts' gradients: zeros, not missing
+    compiled = torch.compile(module, backend=rec.backend)
+    compiled(x).float().sum().backward()
+    assert torch.count_nonzero(module.experts[1].up_proj.weight.grad) == 0
+    assert torch.count_nonzero(module.experts[2].up_proj.weight.grad) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float32_and_float16_blocks(dtype):
+    """Unaligned too (hidden 12): every GEMM on the fallback op, equal to eager at the dtype's precision."""
+    module = _block(seed=5, dtype=dtype, num_experts=3, top_k=2, hidden=12, inter=20, bias=True)
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, 12, dtype=dtype), rec)
+    assert_rewritten(rec)
+    assert rec.count("_grouped_mm") == 0 and rec.count("grouped_mm") == 2
+    assert "graph_moe::grouped_mm" in str(rec.reports[0])
+
+
+class _Float32Router(nn.Linear):
+    """A float32 router on bf16 hidden states (routers are often kept in float32)."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+def test_float32_router_bf16_experts():
+    module = _block(seed=6)
+    router = _Float32Router(16, 4, bias=False)
+    router.weight.data.copy_(module.gate.weight.float())
+    module.gate = router
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports)
+    assert rec.reports[0].rewritten and rec.count("_grouped_mm") == 2
+
+
+def test_autocast_around_float32_block():
+    module = _block(seed=7, dtype=torch.float32)
+    rec = Recorder()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    check_against_eager(module, _x(2, 5, 16, dtype=torch.float32), rec, ctx=autocast, tol=TOL[BF16])
+    assert_each_loop_accounted(rec.reports)
+    if rec.reports[0].rewritten:
+        assert rec.count("index_add_") == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models that look like MoE but are not one loop
+
+
+def _other_size(module):
+    module.experts[2] = Expert(16, 24).to(BF16)
+
+
+def _other_activation(module):
+    module.experts[1].act = F.relu
+
+
+@pytest.mark.parametrize("change,words", [(_other_activation, ("expert 1", "relu")),
+                                          (_other_size, ("expert 2", "shape"))], ids=["activation", "size"])
+def test_heterogeneous_experts_are_left_alone(change, words):
+    module = _block(seed=8)
+    change(module)
+    model = Model(module)
+    rec = Recorder(inner="eager")
+    check_against_eager(model, _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports, BLOCK)
+    assert_left_alone(rec, 4, *words)
+
+
+def test_weight_shared_by_two_experts_equals_eager():
+    """Expert 1's up_proj.weight is expert 0's: one Parameter whose gradient sums both experts' uses."""
+    module = _block(seed=9)
+    module.experts[1].up_proj.weight = module.experts[0].up_proj.weight
+    rec = Recorder(inner="eager")
+    check_against_eager(Model(module), _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports, BLOCK)
+    if not rec.reports[0].rewritten:
+        assert rec.count("index_add_") == 4
+
+
+def test_weight_shared_by_two_experts_is_named():
+    """Regression: the reason blamed expert 2 ('outer value against leaf value')."""
+    module = _block(seed=9)
+    module.experts[1].up_proj.weight = module.experts[0].up_proj.weight
+    rec = Recorder(inner="eager")
+    torch.compile(module, backend=rec.backend)(_x(2, 5, 16))
+    (report,) = rec.reports
+    assert not report.rewritten
+    # the cause is the weight experts 0 and 1 share; expert 2 is an ordinary expert
+    assert "up_proj" in report.reason and "shared" in report.reason, report.reason
+    assert "expert 2" not in report.reason, report.reason
+
+
+def test_weight_shared_by_every_expert_is_one_linear():
+    """down_proj shared by all experts is an ordinary linear over all rows; the rest is grouped."""
+    module = _block(seed=10)
+    for e in module.experts[1:]:
+        e.down_proj = module.experts[0].down_proj
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports)
+    if rec.reports[0].rewritten:
+        assert rec.count("_grouped_mm") == 1 and rec.reports[0].projections == ["gate_proj+up_proj"]
+
+
+class _ReadsNeighbour(nn.Module):
+    def __init__(self, expert, neighbour):
+        super().__init__()
+        self.expert, self.neighbour = expert, neighbour
+
+    def forward(self, x):
+        return self.expert(x) + self.neighbour.up_proj(x)
+
+
+def _reads_neighbour(module):
+    module.experts[2] = _ReadsNeighbour(module.experts[2], module.experts[0])
+    return module
+
+
+def test_body_reading_another_experts_parameters():
+    module = _reads_neighbour(_block(seed=11, num_experts=3, inter=16))
+    rec = Recorder(inner="eager")
+    check_against_eager(Model(module), _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports, BLOCK)
+    assert_left_alone(rec, 3)
+
+
+def test_body_reading_another_experts_parameters_is_named():
+    """Regression: the reason blamed expert 1 ('expert 1 differs from expert 0 ... outer value against leaf value')."""
+    module = _reads_neighbour(_block(seed=11, num_experts=3, inter=16))
+    rec = Recorder(inner="eager")
+    torch.compile(module, backend=rec.backend)(_x(2, 5, 16))
+    (report,) = rec.reports
+    assert not report.rewritten
+    # the cause is expert 2 reading expert 0's up_proj; expert 1 is an ordinary expert
+    assert "up_proj" in report.reason and re.search(r"\b2\b", report.reason), report.reason
+    assert "expert 1" not in report.reason, report.reason
+
+
+@pytest.mark.parametrize("where", ["expert", "projection", "pre", "every-expert"])
+def test_forward_hook_registered_before_compiling(where):
+    module = _block(seed=12)
+    if where == "expert":
+        module.experts[2].register_forward_hook(lambda m, i, out: out * 2)
+    elif where == "projection":
+        module.experts[1].down_proj.register_forward_hook(lambda m, i, out: out + 1)
+    elif where == "pre":
+        module.experts[3].register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
+    else:
+        for e in module.experts:
+            e.register_forward_hook(lambda m, i, out: out * 2)
+    rec = Recorder(inner="eager" if where != "every-expert" else "aot_eager")
+    check_against_eager(Model(module), _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports, BLOCK)
+    if where == "every-expert":
+        assert_rewritten(rec)  # the same hook on every expert is part of the one computation
+    else:
+        hooked = {"expert": 2, "projection": 1, "pre": 3}[where]
+        assert_left_alone(rec, 4, f"expert {hooked} differs")
+
+
+class _TwoAccumulators(RangeMoE):
+    """Each expert adds into `final` (scaled) and into `aux` (raw): two index_add_ chains sharing the bodies."""
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, shape[-1])
+        w = F.softmax(self.gate(h), dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        w = w.to(h.dtype)
+        final, aux = torch.zeros_like(h), torch.zeros_like(h)
+        mask = F.one_hot(sel, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(mask[e])
+            out = self.experts[e](h[None, top_x].reshape(-1, shape[-1]))
+            final.index_add_(0, top_x, (out * w[top_x, idx, None]).to(h.dtype))
+            aux.index_add_(0, top_x, out)
+        return (final + 0.5 * aux).reshape(shape)
+
+
+def test_loop_accumulating_into_two_outputs():
+    torch.manual_seed(13)
+    module = _TwoAccumulators(num_experts=4, top_k=2).to(BF16)
+    rec = Recorder(inner="eager")
+    check_against_eager(Model(module), _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports, BLOCK)
+    assert len(rec.reports) == 2
+    for r in rec.reports:
+        if not r.rewritten:
+            assert "outside the loop" in r.reason, str(r)
+    if not any(r.rewritten for r in rec.reports):
+        assert rec.count("index_add_") == 8
+
+
+class _ScaledIndexAdd(RangeMoE):
+    """The OLMoE loop, but index_add_(..., alpha=0.5): the loop is in the graph, in a form the pass skips."""
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        h = hidden_states.reshape(-1, shape[-1])
+        w = F.softmax(self.gate(h), dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        final = torch.zeros_like(h)
+        mask = F.one_hot(sel, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(mask[e])
+            out = self.experts[e](h[None, top_x].reshape(-1, shape[-1])) * w[top_x, idx, None].to(h.dtype)
+            final.index_add_(0, top_x, out, alpha=0.5)
+        return final.reshape(shape)
+
+
+def test_index_add_with_alpha_equals_eager():
+    torch.manual_seed(14)
+    module = _ScaledIndexAdd(num_experts=4, top_k=2).to(BF16)
+    rec = Recorder(inner="eager")
+    check_against_eager(module, _x(2, 5, 16), rec)
+    assert all(r.rewritten or r.reason for r in rec.reports)
+
+
+def test_index_add_with_alpha_is_reported(caplog):
+    """Regression: the alpha loop used to go unreported, with a warning to call graph_moe.install."""
+    torch.manual_seed(14)
+    module = _ScaledIndexAdd(num_experts=4, top_k=2).to(BF16)
+    rec = Recorder(inner="eager")
+    with caplog.at_level(logging.WARNING, logger="graph_moe"):
+        torch.compile(module, backend=rec.backend)(_x(2, 5, 16))
+    assert "holds no expert loop" not in caplog.text
+    (report,) = rec.reports
+    assert not report.rewritten and "alpha" in report.reason
+
+
+def test_skipped_report_shows_the_routing_it_found():
+    torch.manual_seed(14)
+    module = _ScaledIndexAdd(num_experts=4, top_k=2).to(BF16)
+    rec = Recorder(inner="eager")
+    torch.compile(Model(module), backend=rec.backend)(_x(2, 5, 16))
+    (report,) = rec.reports
+    assert not report.rewritten and str(report).startswith(f"{BLOCK}: 4 experts, top-2 -> left as traced"), str(report)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# state changes
+
+
+class _DropoutExpert(Expert):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.down_proj(self.drop(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def test_train_eval_switch():
+    module = _block(seed=15)
+    for i in range(4):
+        module.experts[i] = _DropoutExpert(16, 32).to(BF16)
+    x = _x(2, 5, 16)
+    rec = Recorder()
+    module.eval()
+    check_against_eager(module, x, rec)  # dropout off: exactly eager
+    module.train()
+    compiled = torch.compile(module, backend=rec.backend)
+    torch.manual_seed(0)
+    out_train = compiled(x)
+    with torch.no_grad():
+        out_eval = module.eval()(x)
+    module.train()
+    assert not torch.equal(out_train, out_eval), "dropout must be active in train mode"
+    assert torch.isfinite(out_train.float()).all()
+    module.eval()
+    _close(compiled(x), out_eval, "eval again", TOL[BF16])
+    # eval (input with grad), train, eval (input without grad): one graph each, every one rewritten
+    assert len(rec.graphs) == len(rec.reports) == 3 and all(r.rewritten for r in rec.reports), \
+        [str(r) for r in rec.reports]
+
+
+def test_frozen_expert_weights():
+    """Experts 1 and 3 frozen, and expert 2's down_proj: exactly the trainable weights get gradients."""
+    module = _block(seed=16)
+    for e in (1, 3):
+        module.experts[e].requires_grad_(False)
+    module.experts[2].down_proj.weight.requires_grad_(False)
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, 16), rec)
+    assert_rewritten(rec)
+    # toggle after compiling: unfreeze expert 1, freeze the router; guards recompile, grads still match
+    module.experts[1].requires_grad_(True)
+    module.gate.weight.requires_grad_(False)
+    check_against_eager(module, _x(2, 5, 16, seed=101), rec)
+    assert len(rec.graphs) == 2 and all(r.rewritten for r in rec.reports)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_grad_and_inference_mode(mode):
+    ctx = getattr(torch, mode)
+    module = _block(seed=17)
+    rec = Recorder()
+    check_against_eager(module, _x(2, 5, 16), rec, ctx=ctx, backward=False)
+    assert_rewritten(rec)
+    # then with gradients: a graph of its own, equal to eager
+    check_against_eager(module, _x(2, 5, 16, seed=102), rec)
+    assert all(r.rewritten for r in rec.reports)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# property-based
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_blocks_match_eager_or_are_reported(data):
+    E = data.draw(st.integers(1, 8), label="E")
+    cfg = dict(num_experts=E, top_k=data.draw(st.integers(1, E), label="k"),
+               hidden=data.draw(st.sampled_from([8, 16, 24]), label="hidden"),
+               inter=data.draw(st.sampled_from([8, 16, 32]), label="inter"),
+               gated=data.draw(st.booleans(), label="gated"), bias=data.draw(st.booleans(), label="bias"),
+               act=data.draw(st.sampled_from(sorted(ACTIVATIONS)), label="act"))
+    tokens = data.draw(st.integers(1, 12), label="tokens")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    torch._dynamo.reset()  # per example: fresh modules would otherwise pile up recompiles
+    reset_counters()
+    torch.manual_seed(seed)
+    module = RangeMoE(**cfg).to(BF16)
+    x = torch.randn(1, tokens, cfg["hidden"], dtype=BF16)
+    rec = Recorder()
+    compiled = torch.compile(module, backend=rec.backend)
+    x_ref, x_c = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = module(x_ref)
+    seed_grad = torch.randn_like(ref)
+    ref.backward(seed_grad)
+    out = compiled(x_c)
+    out.backward(seed_grad)
+    (report,) = rec.reports
+    if report.rewritten:
+        assert rec.count("index_add_") == 0
+        _close(out, ref, f"output {cfg}", TOL[BF16])
+        _close(x_c.grad, x_ref.grad, f"input grad {cfg}", TOL[BF16])
+    else:
+        assert report.reason.strip(), str(report)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# messages
+
+
+def test_block_compiled_on_its_own_is_named_as_a_module():
+    """Regression: the report named the block after its accumulator's FX node ('final: 4 experts ...')."""
+    module = _block(seed=18)
+    module.experts[1].act = F.relu
+    rec = Recorder(inner="eager")
+    compiled = torch.compile(module, backend=rec.backend)
+    compiled(_x(2, 5, 16))
+    (report,) = rec.reports
+    node_names = {n.name for g in rec.graphs for n in g.graph.nodes}
+    assert report.block not in node_names, f"block {report.block!r} is an FX value, not a module: {report}"
