@@ -24,6 +24,15 @@ def _inductor(gm, example_inputs, mode: str | None, options: dict | None):
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def run_inner(inner: str | Callable, gm, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """Compile the (rewritten) graph with the inner compiler: a name in INNER or a backend callable."""
+    if callable(inner):
+        return inner(gm, example_inputs, mode=mode, options=options)
+    if inner == "inductor":
+        return _inductor(gm, example_inputs, mode, options)
+    return registry.lookup_backend(inner)(gm, example_inputs)
+
+
 def _warn_if_router_without_loop(gm: torch.fx.GraphModule) -> None:
     """A router (one_hot of the top-k ids) with no loop after it: the loop ran in Python, outside any graph."""
     if any(getattr(n.target, "__name__", None) == "one_hot" for n in gm.graph.nodes):
@@ -51,11 +60,8 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
             _warn_if_router_without_loop(gm)
         if on_reports is not None:
             on_reports(reports)
-        if callable(inner):
-            return inner(gm, example_inputs, **kwargs)
-        if inner == "inductor":
-            return _inductor(gm, example_inputs, kwargs.get("mode", mode), {**(options or {}), **(kwargs.get("options") or {})})
-        return registry.lookup_backend(inner)(gm, example_inputs)
+        return run_inner(inner, gm, example_inputs, mode=kwargs.get("mode", mode),
+                         options={**(options or {}), **(kwargs.get("options") or {})})
 
     graph_moe_backend.inner = inner
     return graph_moe_backend

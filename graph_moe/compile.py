@@ -40,7 +40,7 @@ class _WithCaptureSettings:
             return self.compiled(*args, **kwargs)
 
 
-def _regions(model: nn.Module, report: InstallReport) -> list[nn.Module]:
+def decoder_layers(model: nn.Module, report: InstallReport) -> list[nn.Module]:
     """The modules to compile: every decoder layer of a ModuleList holding an installed MoE block
     ("model.layers.3.mlp" -> each module of "model.layers"), or the block itself."""
     modules = dict(model.named_modules())
@@ -71,7 +71,7 @@ def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_p
     """
     report = install(model)
     backend = make_backend(inner, fuse_projections=fuse_projections)
-    regions = _regions(model, report) if regional else [model]
+    regions = decoder_layers(model, report) if regional else [model]
     if not regions:
         log.warning("graph_moe.compile: no supported MoE block in %s; compiling the whole model", type(model).__name__)
         regions = [model]

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
 
-from graph_moe.backend import make_backend
-from graph_moe.compile import capture_settings
+from graph_moe.backend import make_backend, run_inner
+from graph_moe.compile import capture_settings, decoder_layers
 from graph_moe.install import InstallReport, install, uninstall
 from graph_moe.report import LoopReport
 
@@ -122,42 +122,6 @@ def _unique(path: Path) -> Path:
         path = path.with_name(f"{stem}.{k}.py")
         k += 1
     return path
-
-
-def _inner_callable(inner: str | Callable) -> Callable:
-    if callable(inner):
-        return inner
-    if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        def inductor(gm, example_inputs, **kwargs):
-            patches = dict(torch._inductor.list_mode_options(kwargs["mode"])) if kwargs.get("mode") else {}
-            patches.update(kwargs.get("options") or {})
-            return compile_fx(gm, example_inputs, config_patches=patches)
-
-        return inductor
-    from torch._dynamo.backends.registry import lookup_backend
-
-    backend = lookup_backend(inner)
-    return lambda gm, example_inputs, **kwargs: backend(gm, example_inputs)
-
-
-def _regions(model: nn.Module, report: InstallReport) -> list[nn.Module]:
-    """Each decoder layer holding an installed MoE block (one ModuleList member), as graph_moe.compile does."""
-    modules = dict(model.named_modules())
-    regions: dict[int, nn.Module] = {}
-    for entry in report.blocks:
-        if not entry.status.endswith("installed"):
-            continue
-        parts = entry.path.split(".")
-        members = [modules[entry.path]]
-        for i in range(len(parts) - 1, 0, -1):
-            parent = modules.get(".".join(parts[:i]))
-            if parts[i].isdigit() and isinstance(parent, nn.ModuleList):
-                members = list(parent)
-                break
-        regions.update((id(m), m) for m in members)
-    return list(regions.values())
 
 
 # The compiled layer itself, where the pass's block name still carries it ("args.0.mlp", "L['args[0].mlp");
@@ -299,7 +263,6 @@ def dump(model: nn.Module, *example_inputs, out_dir: str | Path, inner: str | Ca
 
     graphs: dict[str, GraphDump] = {}
     pending: list[LoopReport] = []
-    run_inner = _inner_callable(inner)
     inner_name = inner if isinstance(inner, str) else getattr(inner, "__name__", "callable")
 
     def keep_and_compile(gm, example_inputs_, **kwargs):
@@ -313,10 +276,10 @@ def dump(model: nn.Module, *example_inputs, out_dir: str | Path, inner: str | Ca
         head += [f"#   {r}" for r in loops] or ["#   no expert loop in this graph"]
         path.write_text("\n".join(head) + "\n" + _PRELUDE + gm.print_readable(print_output=False))
         graphs.setdefault(name, GraphDump(name, loops, path))
-        return run_inner(gm, example_inputs_, **kwargs)
+        return run_inner(inner, gm, example_inputs_, mode=kwargs.get("mode"), options=kwargs.get("options"))
 
     backend = make_backend(keep_and_compile, fuse_projections=fuse_projections, on_reports=pending.extend)
-    regions = _regions(model, report) if regional else []
+    regions = decoder_layers(model, report) if regional else []
     modules = {id(m): n for n, m in model.named_modules()}
     start = time.perf_counter()
     fresh_codes: dict = {}  # code objects Dynamo compiled here -> how many cache entries they had before

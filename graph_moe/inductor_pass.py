@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx

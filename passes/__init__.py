@@ -12,7 +12,6 @@ import logging
 import os
 import re
 
-import torch
 import torch.fx as fx
 
 from graph_moe.report import LoopReport

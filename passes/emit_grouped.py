@@ -104,9 +104,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, boo
     """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate
     graph = cand.accumulator.graph
-    ids = cand.ids
-    ids_val = example_value(ids)
-    fake_mode = _fake_mode(ids)
+    fake_mode = _fake_mode(cand.ids)
     if fake_mode is None:
         raise Unprovable("the graph carries no fake tensors to size the rewrite")
     b = _Builder(graph, loop.last_step, fake_mode)

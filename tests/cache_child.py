@@ -24,7 +24,6 @@ import torch._inductor.config as inductor_config  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import graph_moe  # noqa: E402
-import graph_moe  # noqa: E402
 from graph_moe.backend import make_backend  # noqa: E402
 from moe_blocks import RangeMoE  # noqa: E402
 
