@@ -26,8 +26,9 @@ def _inductor(gm, example_inputs, mode: str | None, options: dict | None):
 
 def run_inner(inner: str | Callable, gm, example_inputs, *, mode: str | None = None, options: dict | None = None):
     """Compile the (rewritten) graph with the inner compiler: a name in INNER or a backend callable."""
-    if callable(inner):
-        return inner(gm, example_inputs, mode=mode, options=options)
+    if callable(inner):  # a backend gets mode=/options= only when torch.compile or make_backend set them
+        extra = {k: v for k, v in (("mode", mode), ("options", options)) if v}
+        return inner(gm, example_inputs, **extra)
     if inner == "inductor":
         return _inductor(gm, example_inputs, mode, options)
     return registry.lookup_backend(inner)(gm, example_inputs)
