@@ -71,3 +71,14 @@ def test_backend_by_name_without_install_warns(caplog):
         torch.compile(model, backend="graph_moe")(torch.randint(0, 64, (1, 5)))
     assert counters["graph_moe"]["loops_found"] == 0
     assert "graph_moe.install" in caplog.text
+
+
+def test_compile_scopes_the_capture_settings():
+    """graph_moe.compile applies the Dynamo capture settings around its own calls only."""
+    model = build("olmoe", layers=1)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=False, capture_scalar_outputs=False):
+        graph_moe.compile(model, inner="eager")
+        model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=False)
+        assert counters["graph_moe"]["loops_rewritten"] == 1
+        assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+        assert not torch._dynamo.config.capture_scalar_outputs
