@@ -60,7 +60,6 @@ ZERO_FACTORIES = {"zeros", "zeros_like", "new_zeros"}
 FRESH = ZERO_FACTORIES | {"empty", "empty_like", "new_empty", "full", "full_like", "new_full", "clone",
                           "add", "sub", "mul", "truediv", "div"}
 
-GETITEM = operator.getitem
 
 
 def is_getitem(node: fx.Node) -> bool:

@@ -237,17 +237,11 @@ class _RowCheck:
             self.fail(node, "its result does not have exactly one row dimension")
         return dims[0]
 
-    def tensor_args(self, node):
-        out = []
-        for a in node.all_input_nodes:
-            out.append((a, _kind(a, self.body)))
-        return out
-
     def check(self, node) -> str:
-        """Return the role of a template node: 'gather', 'linear', 'grouped', 'rows', 'size'."""
+        """Return the role of a template node: 'gather', 'grouped' (a per-expert linear), 'rows', 'size'."""
         name = op_name(node)
         val = example_value(node)
-        kinds = self.tensor_args(node)
+        kinds = [(a, _kind(a, self.body)) for a in node.all_input_nodes]
         if not isinstance(val, (torch.Tensor, tuple, list)):
             if name in SIZE or name in {"mul", "add", "sub", "floordiv"}:
                 for u in node.users:
@@ -256,9 +250,9 @@ class _RowCheck:
                 return "size"
             self.fail(node, "computes a non-tensor value in the expert body")
         if any(k == "coord" for _, k in kinds):
-            return self.gather(node, name, kinds)
+            return self.gather(node, name)
         if name in LINEAR:
-            return self.linear(node, kinds)
+            return self.linear(node)
         if is_getitem(node):
             return self.getitem(node)
         if any(k in ("leaf", "slice") for _, k in kinds):
@@ -277,7 +271,7 @@ class _RowCheck:
             return self.along_dim(node, name)
         self.fail(node, "is not known to act row by row")
 
-    def gather(self, node, name, kinds):
+    def gather(self, node, name):
         """Rows picked from an outer tensor by the where outputs: x[None, top_x], w[top_x, idx, None]."""
         if is_getitem(node):
             src, index = node.args
@@ -296,7 +290,7 @@ class _RowCheck:
             return "gather"
         self.fail(node, "uses the token coordinates in an unknown way")
 
-    def linear(self, node, kinds):
+    def linear(self, node):
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if _kind(x, self.body) != "body":
