@@ -1,4 +1,4 @@
-"""Swap the forward of each supported MoE block instance for its traceable twin (see families.py).
+"""Swap the forward of each supported MoE block instance for its traceable twin (see graph_moe/families/).
 
 The forward is set on the INSTANCE, never on the class: Unsloth regenerates model classes (class patches would be
 lost) and other models of the same class in the process stay untouched. Parameters, buffers and submodules are
@@ -103,6 +103,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
 
 
 def _lay_out(block: nn.Module, projections) -> str:
+    if projections is None:
+        return "stacked by the model"
     if usable_layout(block) is not None:
         return "grouped layout"
     why = lay_out(block, projections)

@@ -1,0 +1,47 @@
+"""Traceable forwards for transformers' MoE block classes, one module per group of families.
+
+Each module defines `FAMILIES: {class name: Family}`; this package merges them. Classes are looked up by NAME,
+so Unsloth's regenerated copies of these classes match too. To add a family: write its traceable forward in a
+module here (see common.py for what "traceable" means), list it in that module's FAMILIES, import it below.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from graph_moe.families import mixtral_qwen
+from graph_moe.families.common import Family, module_list_check, range_expert_loop, softmax_topk
+
+FAMILIES: dict[str, Family] = {}
+for _module in (mixtral_qwen,):
+    FAMILIES.update(_module.FAMILIES)
+
+TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values())
+
+
+def is_moe_candidate(module: nn.Module) -> bool:
+    """A known MoE class, or anything holding its experts in a ModuleList: worth a line in the report."""
+    return type(module).__name__ in FAMILIES or isinstance(getattr(module, "experts", None), nn.ModuleList)
+
+
+def unsupported_reason(block: nn.Module) -> str | None:
+    """Why `block` cannot take its family's traceable forward, or None if it can.
+
+    The structural check guards against a same-named class whose layout differs from the one the forward was
+    written for (another transformers version, a custom remote-code model).
+    """
+    name = type(block).__name__
+    family = FAMILIES.get(name)
+    if family is None:
+        return f"no traceable forward for {name}"
+    reason = (family.check or module_list_check)(block)
+    if reason is not None:
+        return reason
+    missing = [a for a in family.attrs if not hasattr(block, a)]
+    if missing:
+        return f"missing attributes {missing}"
+    return None
+
+
+__all__ = ["FAMILIES", "Family", "TRACEABLE_FORWARDS", "is_moe_candidate", "module_list_check",
+           "range_expert_loop", "softmax_topk", "unsupported_reason"]

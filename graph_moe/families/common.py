@@ -1,0 +1,72 @@
+"""What every family's traceable forward shares: the Family record, the range expert loop, softmax top-k routing.
+
+A traceable forward reproduces its class's forward op for op (routing, dtypes, jitter, shared experts, returned
+tuple), except that the expert loop becomes `range_expert_loop`: a static loop over every expert that Dynamo
+unrolls into one graph (with `capture_dynamic_output_shape_ops=True`) and the pass rewrites into grouped GEMMs.
+Visiting every expert in ascending order adds the same terms in the same order as transformers' loops (an
+expert without tokens adds nothing), so outputs are bit-identical to the original forward in eager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    forward: Callable
+    form: str  # loop form of the class forward it replaces (../shared/FACTS.md §1): "H", "R", "R'", "D", "S", "G", "B"
+    attrs: tuple[str, ...]  # block attributes the forward reads beyond gate/experts/top_k/num_experts
+    projections: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")  # gate, up, down of each
+    # ModuleList expert, for the grouped layout (layout.py); None when the weights are already stacked.
+    check: Callable[[nn.Module], str | None] | None = None  # why a block cannot take `forward`; None: module_list_check
+
+
+def module_list_check(block: nn.Module) -> str | None:
+    """Structure the 4.x ModuleList blocks share: experts in a ModuleList, num_experts, top_k, a Linear router."""
+    experts = getattr(block, "experts", None)
+    if not isinstance(experts, nn.ModuleList):
+        return "experts is not an nn.ModuleList"
+    num_experts = getattr(block, "num_experts", None)
+    if not isinstance(num_experts, int) or num_experts != len(experts):
+        return f"num_experts={num_experts!r} does not match len(experts)={len(experts)}"
+    if not isinstance(getattr(block, "top_k", None), int):
+        return "no integer top_k"
+    gate = getattr(block, "gate", None)
+    # A PEFT-wrapped router (LoRA on "gate") still routes through a Linear underneath.
+    base_gate = gate.get_base_layer() if hasattr(gate, "get_base_layer") else gate
+    if not isinstance(base_gate, nn.Linear) or base_gate.out_features != num_experts:
+        return "gate is not an nn.Linear router with num_experts outputs"
+    return None
+
+
+def range_expert_loop(experts, hidden_states, routing_weights, selected_experts, num_experts, layout=None):
+    """hidden_states (T, H); routing_weights (T, K) already in hidden dtype; selected_experts (T, K) int64.
+
+    With a current `layout` (frozen experts laid out for grouped GEMMs, see layout.py) expert e reads its
+    weights as slices of the layout's stacked tensors, which the pass then uses without a copy.
+    """
+    final_hidden_states = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=hidden_states.dtype, device=hidden_states.device)
+    expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
+    for expert_idx in range(num_experts):
+        idx, top_x = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
+        expert = experts[expert_idx]
+        expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert)
+        current_hidden_states = expert_out * routing_weights[top_x, idx, None]
+        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    return final_hidden_states
+
+
+def softmax_topk(router_logits, top_k, normalize, dtype):
+    """Softmax in fp32, top-k, optional renormalisation, cast back to the hidden dtype."""
+    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, top_k, dim=-1)
+    if normalize:
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    return routing_weights.to(dtype), selected_experts
