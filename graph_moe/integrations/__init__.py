@@ -1,0 +1,1 @@
+"""Integrations with training stacks that own the model's compile (Unsloth)."""
