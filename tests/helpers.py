@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import copy
 
-from graph_moe import make_backend
+import torch
 from torch._dynamo.backends.registry import lookup_backend
+from torch._dynamo.utils import counters
+
+import graph_moe
+from graph_moe import make_backend
 
 
 class Recorder:
@@ -23,6 +27,52 @@ class Recorder:
     def count(self, *names) -> int:
         return sum(1 for g in self.graphs for n in g.graph.nodes
                    if n.op in ("call_function", "call_method") and getattr(n.target, "__name__", n.target) in names)
+
+
+class Keep:
+    """An inner compiler for graph_moe.compile that keeps each (rewritten) graph it is given."""
+
+    def __init__(self, inner="aot_eager"):
+        self.graphs, self.inner = [], inner
+
+    def __call__(self, gm, example_inputs, **kw):
+        self.graphs.append(gm)
+        return lookup_backend(self.inner)(gm, example_inputs)
+
+    def count(self, name):
+        return sum(1 for g in self.graphs for n in g.graph.nodes if getattr(n.target, "__name__", n.target) == name)
+
+
+def loss_and_grads(model, ids, **kwargs):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids, use_cache=False, **kwargs)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True, grouped_per_loop=2, eval_mode=False):
+    """graph_moe.compile(model) installs `blocks` MoE blocks, rewrites `loops` loops (default: 1 regional,
+    `blocks` whole) with `grouped_per_loop` grouped GEMMs each and no index_add_ left, and logits and every
+    gradient equal an untouched eager copy's on fresh random tokens. Returns the Keep with the graphs."""
+    reference = copy.deepcopy(model)
+    if eval_mode:
+        model.eval(), reference.eval()
+    keep = Keep()
+    graph_moe.compile(model, inner=keep, regional=regional)
+    assert model._graph_moe_install_report.num_installed == blocks, str(model._graph_moe_install_report)
+    ids = torch.randint(0, vocab, (2, 7))
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    logits, grads = loss_and_grads(model, ids)
+    loops = loops if loops is not None else (1 if regional else blocks)
+    assert counters["graph_moe"]["loops_skipped"] == 0, dict(counters["graph_moe"])
+    assert counters["graph_moe"]["loops_rewritten"] == loops, dict(counters["graph_moe"])
+    assert keep.count("_grouped_mm") + keep.count("grouped_mm") == grouped_per_loop * loops
+    assert keep.count("index_add_") == 0
+    assert_close_bf16(logits, ref_logits, "logits")
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+    return keep
 
 
 def assert_close_bf16(a, b, what=""):
