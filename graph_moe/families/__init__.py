@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from graph_moe.families import mixtral_qwen
+from graph_moe.families import deepseek, empty_guard, mixtral_qwen, split_sizes, stacked, transformers5
 from graph_moe.families.common import Family, module_list_check, range_expert_loop, softmax_topk
 
 FAMILIES: dict[str, Family] = {}
-for _module in (mixtral_qwen,):
+for _module in (mixtral_qwen, empty_guard, deepseek, split_sizes, stacked, transformers5):
     FAMILIES.update(_module.FAMILIES)
 
 TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values())
