@@ -33,21 +33,49 @@ _ATTR = "_graph_moe_layout"
 
 
 @dataclasses.dataclass(eq=False)
+class Stacked4bit:
+    """One projection's bitsandbytes 4-bit weights for every expert, stacked so that ONE dequantize call per
+    forward yields the (E, out, in) weights: packed (E, out*in/2, 1) uint8 (each expert's `weight.data` is a view
+    into it) and absmax (E, out*in/blocksize) fp32 (views too, unless the experts were double-quantized: then a
+    dequantized fp32 copy, 1/8 of the 4-bit bytes). The dequantized stack is a temporary of the forward, never
+    persistent bf16 memory."""
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, int, int]
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype  # the Linear4bit compute dtype
+
+    def dequantize(self) -> torch.Tensor:
+        num_experts, out, inner = self.shape
+        weights = torch.ops.bitsandbytes.dequantize_4bit(self.packed.view(-1, 1), self.absmax.view(-1), self.blocksize,
+                                                         self.quant_type, [num_experts * out, inner], self.dtype)
+        return weights.view(num_experts, out, inner)
+
+
+@dataclasses.dataclass(eq=False)
 class ExpertLayout:
-    gate_up: torch.Tensor  # (E, 2I, H)
-    down: torch.Tensor  # (E, H, I)
+    gate_up: torch.Tensor | Stacked4bit  # (E, 2I, H)
+    down: torch.Tensor | Stacked4bit  # (E, H, I)
     linears: list[tuple[nn.Linear, nn.Linear, nn.Linear]]  # (gate, up, down) of each expert, as laid out
     names: tuple[str, str, str]
     act_fn: Callable
     valid: bool = True
 
-    def expert(self, e: int, x: torch.Tensor, expert: nn.Module) -> torch.Tensor:
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) as (E, out, in) tensors; read once per forward, before the expert loop."""
+        if isinstance(self.gate_up, Stacked4bit):
+            return self.gate_up.dequantize(), self.down.dequantize()
+        return self.gate_up, self.down
+
+    def expert(self, e: int, x: torch.Tensor, expert: nn.Module, stacks) -> torch.Tensor:
         """Expert e's MLP, down(act(gate(x)) * up(x)): gate and up in one matmul on the layout, plus the
-        LoRA adapters of PEFT-wrapped projections."""
+        LoRA adapters of PEFT-wrapped projections. Linear4bit computes in its compute dtype: cast as it does."""
+        gate_up, down = stacks
         gate_mod, up_mod, down_mod = (getattr(expert, n) for n in self.names)
-        gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
+        gate, up = F.linear(x.to(gate_up.dtype), gate_up[e]).to(x.dtype).chunk(2, dim=-1)
         hidden = self.act_fn(_plus_lora(gate_mod, x, gate)) * _plus_lora(up_mod, x, up)
-        return _plus_lora(down_mod, hidden, F.linear(hidden, self.down[e]))
+        return _plus_lora(down_mod, hidden, F.linear(hidden.to(down.dtype), down[e]).to(hidden.dtype))
 
 
 def _plus_lora(module: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -55,13 +83,21 @@ def _plus_lora(module: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torc
     if not hasattr(module, "lora_A"):
         return result
     dtype = result.dtype
+    # PEFT's 4-bit LoRA casts each adapter's output to the result dtype before adding it (outside autocast).
+    cast_each = _is_4bit(module.base_layer) and not torch.is_autocast_enabled()
     for name in module.active_adapters:
         if name not in module.lora_A.keys():
             continue
         lora_a, lora_b = module.lora_A[name], module.lora_B[name]
         x = module._cast_input_dtype(x, lora_a.weight.dtype)
-        result = result + lora_b(lora_a(module.lora_dropout[name](x))) * module.scaling[name]
+        output = lora_b(lora_a(module.lora_dropout[name](x))) * module.scaling[name]
+        result = result + (output.to(dtype) if cast_each else output)
     return result.to(dtype)
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit (checked by name: bitsandbytes stays an optional import)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -101,8 +137,14 @@ def _why_not(block: nn.Module, names) -> str | None:
             lin = _base(module)
             if module is not lin and not _plain_lora(module, lin):
                 return f"experts[{e}].{name} is a LoRA layer in a state graph_moe does not lay out (merged, DoRA, ...)"
-            if type(lin) is not nn.Linear:
-                return f"experts[{e}].{name} is a {type(lin).__name__}, not a plain nn.Linear"
+            if type(lin) is not nn.Linear and not _is_4bit(lin):
+                return f"experts[{e}].{name} is a {type(lin).__name__}, not a plain nn.Linear or bitsandbytes Linear4bit"
+            if _is_4bit(lin):
+                why = _why_not_4bit(lin)
+                if why:
+                    return f"experts[{e}].{name}: {why}"
+                dtypes.add(("4bit", _quant_key(lin), lin.weight.device))
+                continue
             if lin.weight.requires_grad:
                 return "trainable experts (stacked per forward, so gradients reach every expert weight)"
             if lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks:
@@ -113,8 +155,59 @@ def _why_not(block: nn.Module, names) -> str | None:
     return None
 
 
-def _build(block: nn.Module, names) -> ExpertLayout:
-    linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
+def _quant_key(lin) -> tuple:
+    state = lin.weight.quant_state
+    return state.blocksize, state.quant_type, lin.compute_dtype or state.dtype, tuple(state.shape)
+
+
+def _why_not_4bit(lin) -> str | None:
+    state = getattr(lin.weight, "quant_state", None)
+    if state is None:
+        return "4-bit weight not quantized yet (move the model to its device first)"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "4-bit weight repacked for the CPU inference kernel"
+    if lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks:
+        return "has a bias or hooks"
+    if state.nested and state.state2.blocksize != 256:
+        return "double quantization with a block size other than 256"
+    if lin.weight.numel() * 2 % state.blocksize:
+        return "4-bit blocks straddle experts"
+    return None
+
+
+def _absmax(state) -> torch.Tensor:
+    """The fp32 block scales, as bitsandbytes' gemm_4bit computes them from a double-quantized state."""
+    if not state.nested:
+        return state.absmax
+    return torch.ops.bitsandbytes.dequantize_blockwise.default(
+        state.absmax, state.state2.absmax, state.state2.code, 256, torch.float32) + state.offset
+
+
+def _stack_4bit(linears) -> tuple[Stacked4bit, Stacked4bit]:
+    """Stack the packed data and block scales of every expert (gate and up back to back), then make each expert's
+    weight a view into the stacks, as `_stack_plain` does for plain weights."""
+    def stack(parts, shape):
+        packed = torch.stack([torch.cat([p.weight.data.view(-1, 1) for p in ps]) for ps in parts])
+        absmax = torch.stack([torch.cat([_absmax(p.weight.quant_state) for p in ps]) for ps in parts]).float()
+        blocksize, quant_type, dtype, _ = _quant_key(parts[0][0])
+        with torch.no_grad():
+            for e, ps in enumerate(parts):
+                start = scale = 0
+                for p in ps:
+                    n, blocks = p.weight.data.numel(), p.weight.quant_state.absmax.numel()
+                    p.weight.data = packed[e, start:start + n].view(p.weight.data.shape)
+                    if not p.weight.quant_state.nested:
+                        p.weight.quant_state.absmax = absmax[e, scale:scale + blocks]
+                    start, scale = start + n, scale + blocks
+        return Stacked4bit(packed, absmax, shape, blocksize, quant_type, dtype)
+
+    num_experts = len(linears)
+    (out_gate, hidden), (_, inter) = linears[0][0].weight.quant_state.shape, linears[0][2].weight.quant_state.shape
+    return (stack([(g, u) for g, u, _ in linears], (num_experts, 2 * out_gate, hidden)),
+            stack([(d,) for _, _, d in linears], (num_experts, hidden, inter)))
+
+
+def _stack_plain(linears) -> tuple[torch.Tensor, torch.Tensor]:
     gate_up = torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in linears]).detach()
     down = torch.stack([d.weight for _, _, d in linears]).detach()
     inter = linears[0][0].out_features
@@ -123,6 +216,12 @@ def _build(block: nn.Module, names) -> ExpertLayout:
             g.weight.data = gate_up[e, :inter]
             u.weight.data = gate_up[e, inter:]
             d.weight.data = down[e]
+    return gate_up, down
+
+
+def _build(block: nn.Module, names) -> ExpertLayout:
+    linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
+    gate_up, down = (_stack_4bit if _is_4bit(linears[0][0]) else _stack_plain)(linears)
     layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn)
     for lins in linears:
         for lin in lins:

@@ -25,6 +25,8 @@ class Family:
     projections: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")  # gate, up, down of each
     # ModuleList expert, for the grouped layout (layout.py); None when the weights are already stacked.
     check: Callable[[nn.Module], str | None] | None = None  # why a block cannot take `forward`; None: module_list_check
+    wrappers: Callable[[nn.Module, list[nn.Module]], str] | None = None  # given the installed block and the modules
+    # wrapping it through `base_layer` (PEFT ParamWrappers), outermost first: take over their work; the report's text
 
 
 def module_list_check(block: nn.Module) -> str | None:
@@ -49,15 +51,17 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     """hidden_states (T, H); routing_weights (T, K) already in hidden dtype; selected_experts (T, K) int64.
 
     With a current `layout` (frozen experts laid out for grouped GEMMs, see layout.py) expert e reads its
-    weights as slices of the layout's stacked tensors, which the pass then uses without a copy.
+    weights as slices of the layout's stacked tensors, which the pass then uses without a copy (4-bit experts:
+    stacks dequantized once per forward, one call per projection).
     """
     final_hidden_states = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=hidden_states.dtype, device=hidden_states.device)
+    stacks = layout.stacks() if layout is not None else None
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
     for expert_idx in range(num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
         expert = experts[expert_idx]
-        expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert)
+        expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert, stacks)
         current_hidden_states = expert_out * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
     return final_hidden_states

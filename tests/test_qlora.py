@@ -1,0 +1,121 @@
+"""bitsandbytes 4-bit experts (QLoRA, transformers 4.57): one dequantize per projection, then the grouped path.
+
+The reference is the same 4-bit model left untouched (bitsandbytes' own Linear4bit and PEFT's own LoRA layers).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from torch._dynamo.utils import counters
+
+import graph_moe
+from helpers import Keep, assert_close_bf16
+from tiny_models import build
+
+PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_moe")
+    build("qwen3_moe", experts=4, seed=1).save_pretrained(path)
+    return path
+
+
+def _load_4bit(path, *, double_quant=False, quant_type="nf4"):
+    config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.bfloat16,
+                                   bnb_4bit_use_double_quant=double_quant)
+    return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16)
+
+
+def _qlora(path, *, gradient_checkpointing=None, **quant):
+    model = _load_4bit(path, **quant)
+    if gradient_checkpointing is not None:
+        # What QLoRA recipes run: norms to fp32, input grads on, transformers' gradient checkpointing.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=gradient_checkpointing)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=PROJECTIONS)
+    torch.manual_seed(0)  # the same adapters in the model and its reference
+    return get_peft_model(model, config)
+
+
+def _loss_and_lora_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _dequantize_calls(keep):
+    return keep.count("dequantize_4bit")
+
+
+@pytest.mark.parametrize("quant", [dict(), dict(double_quant=True, quant_type="fp4")], ids=["nf4", "fp4-double-quant"])
+def test_4bit_experts_inference_equals_bitsandbytes(saved_model, quant):
+    model, reference = _load_4bit(saved_model, **quant), _load_4bit(saved_model, **quant)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits)
+    assert counters["graph_moe"]["loops_rewritten"] == 1 and counters["graph_moe"]["loops_skipped"] == 0
+    # one dequantize of all experts per projection stack (gate+up, down), two grouped GEMMs, no loop left
+    assert keep.count("_grouped_mm") == 2 and keep.count("index_add_") == 0
+    assert _dequantize_calls(keep) == 2
+
+
+def test_4bit_layout_keeps_weights_4bit_and_shared(saved_model):
+    model = _load_4bit(saved_model)
+    before = {n: p.data.clone() for n, p in model.named_parameters() if "experts" in n}
+    graph_moe.install(model)
+    layout = model.model.layers[0].mlp._graph_moe_layout
+    assert layout.gate_up.packed.dtype == torch.uint8 and layout.down.packed.dtype == torch.uint8  # no bf16 copy
+    expert = model.model.layers[0].mlp.experts[1]
+    assert expert.up_proj.weight.data.untyped_storage().data_ptr() == layout.gate_up.packed.untyped_storage().data_ptr()
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p.data, before[n]), n  # same packed bytes, now views
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}],
+                         ids=["plain", "checkpointing-reentrant", "checkpointing-non-reentrant"])
+def test_qlora_loss_and_lora_grads_equal_eager(saved_model, gradient_checkpointing):
+    model = _qlora(saved_model, gradient_checkpointing=gradient_checkpointing)
+    reference = _qlora(saved_model, gradient_checkpointing=gradient_checkpointing)
+    model.train(), reference.train()
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}
+    ids = torch.randint(0, 64, (2, 7))
+    loss, grads = _loss_and_lora_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
+    assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
+    assert keep.count("index_add_") == 0
+    assert_close_bf16(loss, ref_loss, "loss")
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 3 * 4 * 2  # layers x projections x experts x A/B
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+
+
+def test_qlora_training_steps_track_eager(saved_model):
+    model = _qlora(saved_model)
+    reference = _qlora(saved_model)
+    graph_moe.compile(model, inner="aot_eager")
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (model, reference)]
+    ids = torch.randint(0, 64, (2, 6))
+    for _ in range(3):
+        losses = []
+        for m, opt in zip((model, reference), opts):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 3e-2 * max(1.0, abs(losses[1])), losses
+    assert counters["graph_moe"]["loops_skipped"] == 0
