@@ -9,7 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script,inner", [("quickstart.py", "eager"), ("lora_finetune.py", "aot_eager")])
+@pytest.mark.parametrize("script,inner", [("quickstart.py", "eager"), ("lora_finetune.py", "aot_eager"),
+                                               ("qlora_finetune.py", "aot_eager")])
 def test_example_runs(script, inner):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", inner,
                            "--steps", "2"], capture_output=True, text=True, timeout=600)
