@@ -115,6 +115,23 @@ def with_lora(block, rank=16):
     return lora
 
 
+def with_nf4(block):
+    """A copy of `block` whose expert Linears are bitsandbytes NF4 Linear4bit (bf16 compute), quantized on the GPU."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    nf4 = copy.deepcopy(block)
+    for expert in nf4.experts:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(expert, name)
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            setattr(expert, name, q.cuda())
+    return nf4
+
+
 def graph_moe_block(block, mode=None, layout=True):
     import copy
 
@@ -131,7 +148,7 @@ def graph_moe_block(block, mode=None, layout=True):
     return forward
 
 
-def run(shapes, token_counts, with_loop=True, stacked=False, lora=False) -> list[dict]:
+def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False) -> list[dict]:
     from torch._dynamo.utils import counters
 
     ceilings = card_ceilings()
@@ -154,11 +171,18 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False) -> list
             variants["graph_moe_lora"] = graph_moe_block(lora_block)
             if with_loop:
                 variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
+        if qlora:
+            qlora_block = with_lora(with_nf4(block))
+            variants["graph_moe_qlora"] = graph_moe_block(qlora_block)
+            if with_loop:
+                variants["hf_loop_qlora"] = lambda x: qlora_block(x)[0]
         for tokens in token_counts:
             x = torch.randn(1, tokens, shape[2], device="cuda", dtype=torch.bfloat16)
             refs = {"": block(x)[0]}
             if lora:
                 refs["lora"] = lora_block(x)[0]
+            if qlora:
+                refs["qlora"] = qlora_block(x)[0]
             row = {"shape": name, "tokens": tokens, "roofline_fwd_ms": roofline_ms(shape, tokens, ceilings),
                    "roofline_fwd_bwd_ms": roofline_ms(shape, tokens, ceilings, backward=True)}
             for vname, fn in variants.items():
@@ -167,7 +191,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False) -> list
                 out = fn(x)
                 torch.cuda.synchronize()
                 row[f"{vname}_first_call_s"] = time.perf_counter() - t0
-                ref = refs["lora" if vname.endswith("_lora") else ""]
+                ref = refs[vname.rsplit("_", 1)[-1] if vname.endswith("lora") else ""]
                 row[f"{vname}_max_diff"] = (out.float() - ref.float()).abs().max().item()
                 row[f"{vname}_fwd_ms"] = _cuda_time(lambda: fn(x))
                 xg = x.clone().requires_grad_()
@@ -212,12 +236,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")
     p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
     p.add_argument("--lora", action="store_true", help="also LoRA r=16 on every expert projection (PEFT)")
+    p.add_argument("--qlora", action="store_true", help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora)
+    results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
+                  qlora=args.qlora)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}

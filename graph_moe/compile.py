@@ -59,6 +59,19 @@ def decoder_layers(model: nn.Module, report: InstallReport) -> list[nn.Module]:
     return list(regions.values())
 
 
+def compile_regions(regions, backend, *, keep_compiled: bool = False, **torch_compile_kwargs) -> int:
+    """Compile each module in `regions` on its own (what `module.compile()` does), under the capture settings.
+    keep_compiled: leave modules graph_moe compiled before as they are. Returns how many were compiled now."""
+    compiled = 0
+    for region in regions:
+        if keep_compiled and isinstance(region.__dict__.get("_compiled_call_impl"), _WithCaptureSettings):
+            continue
+        region._compiled_call_impl = _WithCaptureSettings(
+            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs))
+        compiled += 1
+    return compiled
+
+
 def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_projections: bool = True,
             **torch_compile_kwargs) -> nn.Module:
     """Install graph_moe on `model` and compile it with the graph_moe backend, in place.
@@ -75,9 +88,7 @@ def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_p
     if not regions:
         log.warning("graph_moe.compile: no supported MoE block in %s; compiling the whole model", type(model).__name__)
         regions = [model]
-    for region in regions:
-        region._compiled_call_impl = _WithCaptureSettings(
-            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs))
+    compile_regions(regions, backend, **torch_compile_kwargs)
     model._graph_moe_install_report = report
     log.info("graph_moe.compile: %d MoE block(s) installed, %d region(s) compiled", report.num_installed, len(regions))
     return model
