@@ -18,7 +18,8 @@ from graph_moe.report import LoopReport
 
 from .emit_grouped import emit
 from .find_loops import LoopCandidate, find_loop_candidates
-from .ops import example_value
+from . import grouped_chunks
+from .ops import example_value, source_name
 from .prove_bodies import ProvenLoop, Unprovable, prove
 
 log = logging.getLogger("graph_moe")
@@ -40,6 +41,26 @@ def _top_k(cand: LoopCandidate):
         return None
     k = example_value(cand.ids).shape[-1]  # ids are (tokens, top_k)
     return k if isinstance(k, int) else None
+
+
+def _readable(reason: str, graph: fx.Graph) -> str:
+    """The reason with parameter placeholders named as in the model ('experts.2.up_proj.weight' for
+    'l_self_modules_experts_modules_2_modules_up_proj_parameters_weight_')."""
+    for node in graph.find_nodes(op="placeholder"):
+        if node.name in reason and node.meta.get("grapharg") is not None:
+            reason = re.sub(rf"\b{re.escape(node.name)}\b", source_name(node), reason)
+    return reason
+
+
+def _chunk_note(cand: LoopCandidate, num_experts: int) -> str:
+    """' (...)' when the grouped GEMMs of this loop run as several calls (grouped_chunks.MAX_GROUPS), else ''."""
+    ids = example_value(cand.ids)
+    limit = grouped_chunks.MAX_GROUPS.get(ids.device.type) if ids is not None else None
+    if limit is None or num_experts <= limit:
+        return ""
+    calls = -(-num_experts // limit)
+    return (f" (each torch._grouped_mm as {calls} calls of at most {limit} experts: the {ids.device.type} kernel "
+            f"takes fewer than {limit + 1} groups)")
 
 
 def _prove(cand: LoopCandidate) -> ProvenLoop:
@@ -66,13 +87,16 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> l
             loop = _prove(cand)
             gemms = emit(loop, fuse_projections=fuse_projections)
         except Unprovable as why:
-            reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, str(why)))
+            reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, _readable(str(why), gm.graph)))
             continue
         projections = [name for name, _ in gemms]
         slow = sum(fallback for _, fallback in gemms)
         if slow:
             projections[-1] += (f" ({slow} of {len(gemms)} as graph_moe::grouped_mm: not bfloat16 or not 16-byte "
                                 "aligned; one host sync each)")
+        chunks = _chunk_note(cand, num_experts)
+        if chunks and slow < len(gemms):
+            projections[-1] += chunks
         reports.append(LoopReport(block, num_experts, _top_k(cand), projections, True))
     if any(r.rewritten for r in reports):
         gm.graph.lint()
