@@ -15,7 +15,6 @@ from transformers import (
     MixtralForCausalLM,
     OlmoeConfig,
     OlmoeForCausalLM,
-    PhimoeConfig,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -24,9 +23,9 @@ from transformers import (
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoSparseMoeBlock
 from transformers.models.minimax.modeling_minimax import MiniMaxSparseMoeBlock
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
 
 from graph_moe.install import install, uninstall
+from moe_blocks import RangeMoE
 
 VOCAB = 64
 NUM_LAYERS = 2
@@ -217,10 +216,10 @@ def test_filter_fn_selects_blocks():
 
 def test_unsupported_blocks_are_reported_and_left_alone():
     torch.manual_seed(0)
-    phimoe = PhimoeSparseMoeBlock(PhimoeConfig(hidden_size=32, intermediate_size=64, num_local_experts=4))
-    report = install(phimoe)
-    assert report.blocks[0].status == "not supported: no traceable forward for PhimoeSparseMoeBlock"
-    assert "forward" not in phimoe.__dict__
+    unknown = RangeMoE()  # experts in a ModuleList, but a class graph_moe has no forward for
+    report = install(unknown)
+    assert report.blocks[0].status == "not supported: no traceable forward for RangeMoE"
+    assert "forward" not in unknown.__dict__
 
     model = build("olmoe")
     odd, hooked = moe_blocks(model)
