@@ -5,6 +5,8 @@
     token_index / slot_index = token_order // K, token_order % K the coordinates torch.where gave
     ... expert 0's body, once over all S = tokens * top_k rows, each per-expert linear as
         torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=expert_offsets)
+        (x @ stack[e] with an (E, in, out) stack: torch._grouped_mm(rows, stack, offs=...), no transpose),
+        each per-expert element-wise operand (a bias added after x @ w[e]) as stack[sorted_expert_ids]
     combined = scatter rows back to (token, slot) order, .unflatten(0, (-1, K)).sum(slot dim)
 
 The combine un-permutes and sums over the k slots: a scatter with unique indices and a reduction,
@@ -21,9 +23,11 @@ import re
 import torch
 import torch.fx as fx
 
+from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
+from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .ops import ZERO_FACTORIES, example_value, is_getitem, op_name
 from .prove_bodies import ProvenLoop, Unprovable
 
@@ -46,7 +50,8 @@ class _Builder:
             node._rename(name)
         args = fx.node.map_arg(node.args, example_value)
         kwargs = fx.node.map_arg(node.kwargs, example_value)
-        with self.fake_mode:
+        # Saved-tensor hooks of the caller (non-reentrant checkpointing) must not see these fake computations.
+        with self.fake_mode, _disable_saved_tensors_hooks_during_tracing():
             if node.op == "call_method":
                 val = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:
@@ -74,11 +79,12 @@ class _Builder:
 
 
 def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
-    """(E, out, in) weights: the stacked tensor itself when expert e reads stack[e], else a copy."""
+    """(E, *shape) from E per-expert tensors: the stacked tensor itself when expert e reads stack[e], else a copy."""
     base = tensors[0].args[0] if is_getitem(tensors[0]) else None
     if base is not None and all(is_getitem(t) and t.args == (base, e) for e, t in enumerate(tensors)):
-        val = example_value(base)
-        if isinstance(val, torch.Tensor) and val.dim() >= 3 and statically_known_true(val.shape[0] == len(tensors)):
+        val, one = example_value(base), example_value(tensors[0])
+        if (isinstance(val, torch.Tensor) and isinstance(one, torch.Tensor) and val.dim() == one.dim() + 1
+                and statically_known_true(val.shape[0] == len(tensors))):
             return base
     return b.call(torch.stack, list(tensors), name=name)
 
@@ -139,6 +145,9 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     coords = [coords_by_dim[cand.mask_dims[1 + j]] for j in range(2)]
 
     env: dict[fx.Node, fx.Node] = {n: coords[j] for n, j in loop.coords.items()}
+    for operand in loop.per_expert:  # each row reads its own expert's value
+        env[operand.node] = b.call(operator.getitem, _stack(b, operand.values, "per_expert"), sorted_ids,
+                                   name="row_" + re.sub(r"\W", "_", _projection_name(operand.node)))
     linears = {g.node: g for g in loop.linears}
     fused = _fusable_pairs(loop.linears) if fuse_projections else {}
     projections = []
@@ -154,9 +163,10 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             if partner is not None:
                 names = f"{_projection_name(g.weights[0])}+{_projection_name(partner.weights[0])}"
                 w_a, w_b = _stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")
-                w = b.call(torch.cat, [w_a, w_b], 1, name="stacked_weight")
+                out_dim = 1 if g.transposed else 2  # (E, out, in) or (E, in, out)
+                w = b.call(torch.cat, [w_a, w_b], out_dim, name="stacked_weight")
                 out, fallback = _grouped(b, x, w, offsets, [g, partner], sorted_ids, names)
-                split = b.method("split", out, [b.size(w_a, 1), b.size(w_b, 1)], -1)
+                split = b.method("split", out, [b.size(w_a, out_dim), b.size(w_b, out_dim)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
                 env[partner.node] = b.call(operator.getitem, split, 1,
                                            name=re.sub(r"\W", "_", _projection_name(partner.weights[0])))
@@ -209,9 +219,12 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
 
 
 def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
-    w_t = b.method("transpose", w, -2, -1)
+    w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
     fallback = not _fits_grouped_mm(example_value(x), example_value(w))
-    if not fallback:
+    per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
+    if not fallback and per_call:
+        out = b.call(grouped_mm_in_chunks, x, w_t, offsets, per_call, name=re.sub(r"\W", "_", name))
+    elif not fallback:
         out = b.call(torch._grouped_mm, x, w_t, offs=offsets, name=re.sub(r"\W", "_", name))
     else:  # the compiled torch._grouped_mm takes bfloat16 only
         out = b.call(torch.ops.graph_moe.grouped_mm, x, w_t, offsets, name=re.sub(r"\W", "_", name))
@@ -231,13 +244,17 @@ def _fits_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _fusable_pairs(linears):
-    """Two per-expert linears of one input (gate and up) become one grouped GEMM."""
+    """Two per-expert linears of one input (gate and up) become one grouped GEMM. Not when either reads slices
+    stack[e] of one tensor (a weight layout, 3D experts, LoRA factors): _grouped_mm takes that stack as it is, and
+    fusing would copy it (and the other weights) into a new stack every forward."""
     pairs = {}
     by_input: dict[fx.Node, list] = {}
     for g in linears:
         by_input.setdefault(g.node.args[0], []).append(g)
     for group in by_input.values():
-        if len(group) == 2 and bool(group[0].biases) == bool(group[1].biases):
+        if (len(group) == 2 and bool(group[0].biases) == bool(group[1].biases)
+                and group[0].transposed == group[1].transposed
+                and not any(all(is_getitem(w) for w in g.weights) for g in group)):
             a, c = group
             pairs[a.node], pairs[c.node] = c, a
     return pairs

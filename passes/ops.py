@@ -48,6 +48,9 @@ NORMS = {"layer_norm", "rms_norm"}
 
 LINEAR = {"linear"}
 
+# x @ w with w (in, out): torch.matmul / operator.matmul (the @ operator) / torch.mm.
+MATMUL = {"matmul", "mm"}
+
 SIZE = {"size", "sym_size", "dim"}
 
 ASSERTS = {"_assert_scalar", "_check_is_size", "_check", "ge", "le", "lt", "gt", "eq", "ne"}

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .find_loops import LoopCandidate
-from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, NORMS, SIZE, example_value,
+from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, example_value,
                   is_getitem, is_inplace, op_name, source_name)
 
 
@@ -33,9 +33,18 @@ class Unprovable(Exception):
 
 @dataclasses.dataclass
 class GroupedLinear:
-    node: fx.Node  # the template linear
+    node: fx.Node  # the template linear, or matmul
     weights: list[fx.Node]  # per-expert weight leaves, indexed by expert
     biases: list[fx.Node] | None
+    transposed: bool = True  # weights are (out, in), F.linear's; False: (in, out), used as x @ w
+
+
+@dataclasses.dataclass
+class PerExpertOperand:
+    """A per-expert tensor in an element-wise op of the body (a bias added after `x @ w[e]`, a per-expert scale):
+    each row takes its own expert's value, `stack[expert_of_row]`."""
+    node: fx.Node  # the template's leaf or slice
+    values: list[fx.Node]  # per-expert leaves or slices, indexed by expert
 
 
 @dataclasses.dataclass
@@ -44,6 +53,7 @@ class ProvenLoop:
     template: list[fx.Node]  # expert 0's body, in graph order
     coords: dict[fx.Node, int]  # template where-output getitem -> which where output
     linears: list[GroupedLinear]
+    per_expert: list[PerExpertOperand]
     token_output: int  # which where output indexes the accumulator rows
     erase: list[fx.Node]  # every node of the loop, to remove after the rewrite
     first_step: fx.Node
@@ -140,6 +150,18 @@ def _same_leaf(a: fx.Node, b: fx.Node) -> bool:
     return _sym_equal(va.shape, vb.shape) and va.dtype == vb.dtype and va.device == vb.device
 
 
+def _leaf_difference(a: fx.Node, b: fx.Node) -> str:
+    """What differs between two per-expert parameters that `_same_leaf` rejects, for the report."""
+    va, vb = example_value(a), example_value(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return "expert parameters that are not both tensors"
+    if va.device != vb.device:
+        return f"expert parameters on different devices ({va.device} against {vb.device})"
+    if va.dtype != vb.dtype:
+        return f"expert parameters of different dtype ({va.dtype} against {vb.dtype})"
+    return f"expert parameters of different shape ({tuple(va.shape)} against {tuple(vb.shape)})"
+
+
 class _Matcher:
     """Walks expert 0's body and expert e's body from their sinks in lock step."""
 
@@ -191,7 +213,7 @@ class _Matcher:
         if ka == "coord" and self.b0.coords[a] != self.be.coords[b]:
             self.fail(a, b, "different torch.where outputs")
         if ka == "leaf" and not _same_leaf(a, b):
-            self.fail(a, b, "expert parameters of different shape, dtype or device")
+            self.fail(a, b, _leaf_difference(a, b))
         if ka == "slice" and a.args[0] is not b.args[0]:
             self.fail(a, b, "slices of different stacked weights")
         if ka == "body":
@@ -251,11 +273,11 @@ class _RowCheck:
             self.fail(node, "computes a non-tensor value in the expert body")
         if any(k == "coord" for _, k in kinds):
             return self.gather(node, name)
-        if name in LINEAR:
+        if name in LINEAR or name in MATMUL:
             return self.linear(node)
         if is_getitem(node):
             return self.getitem(node)
-        if any(k in ("leaf", "slice") for _, k in kinds):
+        if any(k in ("leaf", "slice") for _, k in kinds) and name not in ELEMENTWISE:
             self.fail(node, "reads an expert parameter outside a linear layer")
         if name in ELEMENTWISE:
             return self.elementwise(node, kinds)
@@ -291,8 +313,15 @@ class _RowCheck:
         self.fail(node, "uses the token coordinates in an unknown way")
 
     def linear(self, node):
+        """F.linear(x, w[, b]) with w (out, in), or x @ w with w (in, out): row-wise when x holds the rows."""
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if op_name(node) in MATMUL:
+            if len(node.args) != 2 or node.kwargs:
+                self.fail(node, "matmul with extra arguments")
+            wv = example_value(w)
+            if not isinstance(wv, torch.Tensor) or wv.dim() != 2:
+                self.fail(node, "matmul by a value that is not a 2-D weight")
         if _kind(x, self.body) != "body":
             self.fail(node, "linear of a value from outside the body")
         xv = example_value(x)
@@ -369,6 +398,12 @@ class _RowCheck:
                 ad = _row_dims(av, self.row)
                 if len(ad) != 1 or av.dim() - 1 - ad[0] != from_right:
                     self.fail(node, "combines rows that do not line up")
+            elif k in ("leaf", "slice"):
+                # Emitted as stack[expert_of_row]: (rows, *shape), which lines up only when the value spans
+                # exactly the dims right of the row dim.
+                if av.dim() != from_right:
+                    name = f"{source_name(a.args[0])}[e]" if k == "slice" else source_name(a)
+                    self.fail(node, f"per-expert {name} of shape {tuple(av.shape)} does not line up with the rows")
             elif av.dim() > from_right and not statically_known_true(av.shape[av.dim() - 1 - from_right] == 1):
                 self.fail(node, f"broadcasts {a.name} across rows")
         return "rows"
@@ -458,9 +493,16 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
         bias0 = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
         weights = [m[w0] for m in maps]
         biases = [m[bias0] for m in maps] if isinstance(bias0, fx.Node) else None
-        linears.append(GroupedLinear(n, weights, biases))
+        linears.append(GroupedLinear(n, weights, biases, op_name(n) in LINEAR))
     if not linears:
         raise Unprovable("the expert body has no per-expert linear layer to group")
+
+    per_expert = {}
+    for n in template:
+        if roles[n] == "rows" and op_name(n) in ELEMENTWISE:
+            for a in n.all_input_nodes:
+                if _kind(a, b0) in ("leaf", "slice") and a not in per_expert:
+                    per_expert[a] = PerExpertOperand(a, [m[a] for m in maps])
 
     erase = set()
     for s, b in zip(steps, bodies):
@@ -476,8 +518,8 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
             if a in erase and a not in b0.nodes and a not in b0.coords and a not in b0.slices:
                 raise Unprovable(f"expert 0 reads {a.name}, a value of another expert's iteration")
     _check_accumulator(cand, first_body, last, erase)
-    return ProvenLoop(cand, template, dict(b0.coords), linears, token_output,
+    return ProvenLoop(cand, template, dict(b0.coords), linears, list(per_expert.values()), token_output,
                       sorted(erase, key=graph_order.__getitem__), first, last)
 
 
-__all__ = ["prove", "ProvenLoop", "GroupedLinear", "Unprovable"]
+__all__ = ["prove", "ProvenLoop", "GroupedLinear", "PerExpertOperand", "Unprovable"]
