@@ -157,7 +157,7 @@ def _why_not(block: nn.Module, names) -> str | None:
 
 def _quant_key(lin) -> tuple:
     state = lin.weight.quant_state
-    return state.blocksize, state.quant_type, lin.compute_dtype or state.dtype, tuple(state.shape)
+    return state.blocksize, state.quant_type, lin.compute_dtype or state.dtype
 
 
 def _why_not_4bit(lin) -> str | None:
@@ -189,7 +189,7 @@ def _stack_4bit(linears) -> tuple[Stacked4bit, Stacked4bit]:
     def stack(parts, shape):
         packed = torch.stack([torch.cat([p.weight.data.view(-1, 1) for p in ps]) for ps in parts])
         absmax = torch.stack([torch.cat([_absmax(p.weight.quant_state) for p in ps]) for ps in parts]).float()
-        blocksize, quant_type, dtype, _ = _quant_key(parts[0][0])
+        blocksize, quant_type, dtype = _quant_key(parts[0][0])
         with torch.no_grad():
             for e, ps in enumerate(parts):
                 start = scale = 0
