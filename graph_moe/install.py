@@ -15,6 +15,7 @@ from typing import Callable
 from torch import nn
 
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
+from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import lay_out, remove_layout, usable_layout
 
 log = logging.getLogger("graph_moe")
@@ -67,6 +68,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         graph reads their weights without a per-forward copy.
     """
     report = InstallReport()
+    wrapped_by = {m.base_layer: m for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
     for path, block in model.named_modules():
         if not is_moe_candidate(block) or (filter_fn is not None and not filter_fn(path, block)):
             continue
@@ -92,6 +94,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             setattr(block, _MARK, family.form)
         if _is_ours(block):
             entry.weights = _lay_out(block, family.projections) if layout else "per expert: layout=False"
+            if family.wrappers is not None:
+                entry.weights = family.wrappers(block, _wrappers(block, wrapped_by))
         report.blocks.append(entry)
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
@@ -111,6 +115,15 @@ def _lay_out(block: nn.Module, projections) -> str:
     return "grouped layout" if why is None else f"per expert: {why}"
 
 
+def _wrappers(block: nn.Module, wrapped_by: dict) -> list[nn.Module]:
+    """The modules wrapping `block` through `base_layer` (PEFT tuner layers), outermost first."""
+    chain = []
+    while block in wrapped_by:
+        block = wrapped_by[block]
+        chain.append(block)
+    return chain[::-1]
+
+
 def uninstall(model: nn.Module) -> int:
     """Restore the class forward on every block `install` touched; returns how many blocks were restored."""
     restored = 0
@@ -119,6 +132,8 @@ def uninstall(model: nn.Module) -> int:
             del block.forward
             remove_layout(block)
             restored += 1
+        elif getattr(block.__dict__.get("forward"), "__func__", None) in WRAPPER_FORWARDS:
+            del block.forward  # a PEFT wrapper bound to an installed block's forward
         if _MARK in block.__dict__:
             delattr(block, _MARK)
     return restored

@@ -1,7 +1,11 @@
 import pytest
 import torch
+import transformers
 
 from graph_moe.report import reset_counters
+
+# The tests here are written against transformers 4.57; under 5.x only tests/transformers5 applies.
+collect_ignore_glob = ["test_*.py"] if int(transformers.__version__.split(".")[0]) >= 5 else []
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,12 @@ TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values())
 
 
 def is_moe_candidate(module: nn.Module) -> bool:
-    """A known MoE class, or anything holding its experts in a ModuleList: worth a line in the report."""
+    """A known MoE class, or anything holding its experts in a ModuleList: worth a line in the report.
+    A transformers 5.x block's line is its experts module's (families/transformers5.py)."""
+    if transformers5.delegates_to_experts(module):
+        return False
+    if type(module).__name__ in transformers5.FAMILIES and not transformers5.is_5x_experts(module):
+        return False  # a 4.x class of a 5.x name: its block is the candidate
     return type(module).__name__ in FAMILIES or isinstance(getattr(module, "experts", None), nn.ModuleList)
 
 

@@ -1,0 +1,111 @@
+"""transformers 5.x experts modules (3D gate_up_proj / down_proj) with experts_implementation="eager": install puts
+the traceable forward on each experts instance, the pass groups the 3D parameters as they are (no copy), and
+logits and every gradient equal untouched eager."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers", minversion="5", reason="transformers 5.x tests (tests/transformers5)")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+from transformers.models.mixtral import modeling_mixtral  # noqa: E402
+
+import graph_moe  # noqa: E402
+from graph_moe.families import unsupported_reason  # noqa: E402
+from helpers import check_model_rewritten  # noqa: E402
+from tiny_models import FAMILIES, build  # noqa: E402
+
+EXPERTS = {"mixtral": "MixtralExperts", "qwen2_moe": "Qwen2MoeExperts", "qwen3_moe": "Qwen3MoeExperts",
+           "olmoe": "OlmoeExperts"}
+
+
+def _weights_read_without_copy(keep) -> int:
+    """Grouped GEMMs whose weight is a graph input (the 3D parameter itself) seen through a transpose."""
+    found = 0
+    for graph in keep.graphs:
+        for node in graph.graph.nodes:
+            if getattr(node.target, "__name__", None) in ("_grouped_mm", "grouped_mm"):
+                weight = node.args[1]
+                found += weight.target == "transpose" and weight.args[0].op == "placeholder"
+    return found
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_experts_rewritten_and_equal(family):
+    model = build(family, experts_implementation="eager")
+    keep = check_model_rewritten(model, blocks=2)
+    report = model._graph_moe_install_report
+    # One line per layer, the experts module's: the 5.x block around it delegates to it.
+    assert [b.class_name for b in report.blocks] == [EXPERTS[family]] * 2, str(report)
+    assert _weights_read_without_copy(keep) == 2  # gate_up_proj and down_proj, as they are
+
+
+def _other_family(name):
+    """5.x models whose experts class shares the standard eager loop while their routing differs (DeepSeek-V3:
+    sigmoid, grouped top-k, fp32 weights; PhiMoE: sparsemixer; Jamba: hybrid Mamba layers, attention-only here)."""
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, experts_implementation="eager")
+    if name == "deepseek_v3":
+        config = transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8)
+    elif name == "phimoe":
+        config = transformers.PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    else:
+        config = transformers.JambaConfig(**common, num_experts=4, num_experts_per_tok=2, expert_layer_period=1,
+                                          expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0,
+                                          use_mamba_kernels=False)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "phimoe", "jamba"])
+def test_other_families_share_the_experts_forward(family):
+    model = _other_family(family)
+    check_model_rewritten(model, blocks=2)
+
+
+def test_grouped_mm_implementation_is_left_alone():
+    """5.x's default is its own grouped forward: nothing to install, and the report says why."""
+    model = build("qwen3_moe", layers=1)
+    assert model.config._experts_implementation == "grouped_mm"
+    report = graph_moe.install(model)
+    assert report.num_installed == 0 and len(report.blocks) == 1
+    assert "grouped_mm" in report.blocks[0].status and "left as it is" in report.blocks[0].status
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_uninstall_restores_the_class_forward():
+    model = build("mixtral", layers=1, experts_implementation="eager")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert graph_moe.install(model).num_installed == 1
+        installed = model(input_ids=ids).logits  # the traceable forward, run eagerly
+        assert graph_moe.uninstall(model) == 1
+        after = model(input_ids=ids).logits
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(installed, before, rtol=0, atol=0)  # same terms, same order: bit-identical
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_other_eager_loops_are_refused():
+    """A class of a listed name whose eager loop is not the standard one is refused, not guessed at."""
+    config = build("mixtral", layers=1, experts_implementation="eager").config
+
+    @use_experts_implementation
+    class MixtralExperts(modeling_mixtral.MixtralExperts):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return super().forward(hidden_states, top_k_index, top_k_weights) * 2
+
+    assert "not the standard" in unsupported_reason(MixtralExperts(config))
+    assert unsupported_reason(modeling_mixtral.MixtralExperts(config)) is None
+    parallel = modeling_mixtral.MixtralExperts(config)
+    parallel._is_expert_parallel = True
+    assert "expert parallelism" in unsupported_reason(parallel)
+    assert isinstance(parallel.gate_up_proj, nn.Parameter)
