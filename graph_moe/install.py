@@ -59,6 +59,13 @@ def _is_ours(block: nn.Module) -> bool:
     return getattr(forward, "__func__", None) in TRACEABLE_FORWARDS
 
 
+def _forward_replaced(block: nn.Module) -> bool:
+    """An instance forward other than the class's own (restoring libraries, Unsloth's included, may leave the
+    class forward bound on the instance: that one is the class's and safe to shadow)."""
+    forward = block.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__func__", None) is not type(block).forward
+
+
 def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
             layout: bool = True) -> InstallReport:
     """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
@@ -86,7 +93,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             entry.status = "already installed"
         elif reason is not None:
             entry.status = f"not supported: {reason}"
-        elif "forward" in block.__dict__:
+        elif _forward_replaced(block):
             # Someone else (an accelerate hook, Unsloth's grouped forward) owns this instance's forward.
             entry.status = "not supported: forward already replaced on the instance"
         else:

@@ -304,3 +304,17 @@ def test_dynamo_captures_whole_model_in_one_graph():
     finally:
         torch._dynamo.reset()
         counters.clear()
+
+
+def test_class_forward_bound_on_the_instance_is_not_a_replacement():
+    """Libraries that restore a block (unsloth-zoo's disable_grouped_moe) may leave `block.forward = <the class
+    forward, bound>`; install shadows it, and a truly foreign forward is still refused."""
+    import types
+
+    model = build("qwen3_moe_norm")
+    block = moe_blocks(model)[0]
+    block.forward = types.MethodType(type(block).forward, block)
+    assert install(model).blocks[0].status == "installed"
+    uninstall(model)
+    block.forward = lambda hidden_states: (hidden_states, None)
+    assert "forward already replaced" in install(model).blocks[0].status

@@ -71,7 +71,7 @@ def apply(model: nn.Module, *, inner="inductor", options: dict | None = None) ->
     modules = dict(model.named_modules())
     blocks = [modules[b.path] for b in report.blocks if b.status in ("installed", "already installed")]
     if not blocks:
-        log.info("graph_moe: no supported MoE block in %s; left as it is", type(model).__name__)
+        log.info("graph_moe: no supported MoE block in %s; left as it is\n%s", type(model).__name__, report)
         return model
     options = unsloth_compile_options() if options is None else options
     backend = make_backend(inner, options=options if inner == "inductor" else None)
