@@ -114,7 +114,8 @@ def _collect_body(step, steps_set) -> _Body:
                 continue
             if a.op in ("placeholder", "get_attr"):
                 leaves.add(a)
-            elif is_getitem(a) and a.args[1] == step.expert and isinstance(a.args[0], fx.Node):
+            elif (is_getitem(a) and a.args[1] == step.expert and isinstance(a.args[0], fx.Node)
+                  and isinstance(example_value(a.args[0]), torch.Tensor)):  # stack[e], not sizes[1] at e == 1
                 slices.add(a)
     return _Body(step.expert, nodes, coords, leaves, slices, dead)
 

@@ -155,3 +155,20 @@ def test_other_dtypes_use_the_fallback_op(dtype):
     torch.testing.assert_close(out, ref, **tol)
     for a, b in zip(out_grads, ref_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_dynamic_true_reads_sizes_at_an_index_equal_to_the_expert():
+    """Under dynamic=True every expert re-reads x.shape[-1] (a getitem at index 1 of a size tuple); at expert 1
+    that is not a stack[e] slice. An installed Qwen3-MoE block reads it so."""
+    import graph_moe
+    from tiny_models import build
+
+    block = build("qwen3_moe", layers=1).model.layers[0].mlp
+    graph_moe.install(block)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    rec = Recorder()
+    compiled = torch.compile(block, backend=rec.backend, dynamic=True)
+    with graph_moe.capture_settings():
+        out = compiled(x)[0]
+    assert [r.rewritten for r in rec.reports] == [True], [str(r) for r in rec.reports]
+    assert_close_bf16(out, block(x)[0], "output")
