@@ -81,3 +81,19 @@ def test_apply_on_a_model_without_moe_logs_and_leaves_it(caplog):
     with caplog.at_level(logging.INFO, logger="graph_moe"):
         assert _apply(model) is model
     assert "no supported MoE block" in caplog.text and model[0]._compiled_call_impl is None
+
+
+def test_global_inductor_pass_is_added_once_and_keeps_others():
+    """What apply does under Unsloth: the pass in the global Inductor config its own compiles read."""
+    from graph_moe.inductor_pass import GraphMoePass
+
+    def users_pass(graph):
+        return None
+
+    with torch._inductor.config.patch(pre_grad_custom_pass=users_pass):
+        model = graph_moe_unsloth.apply(build("qwen3_moe", layers=1), inner="aot_eager", global_pass=True)
+        graph_moe_unsloth.add_global_inductor_pass()
+        current = torch._inductor.config.pre_grad_custom_pass
+        assert isinstance(current, GraphMoePass) and list(current.then) == [users_pass]
+        assert model._graph_moe_install_report.num_installed == 1
+    assert torch._inductor.config.pre_grad_custom_pass is None

@@ -9,7 +9,9 @@ instances, after Unsloth is done with the model:
 - `apply(model)` takes the blocks over from Unsloth's grouped forward (its own `disable_grouped_moe`), installs
   graph_moe's traceable forwards (instance attributes: they win over whatever class the compiled cache made, and
   survive its regeneration), and compiles each MoE block on its own with the graph_moe backend and the Inductor
-  options Unsloth compiles with (so the block reaches a compiled graph instead of a compile-disabled wrapper).
+  options Unsloth compiles with (so the block reaches a compiled graph instead of a compile-disabled wrapper),
+  and puts the pass into the global Inductor config, so that a block traced inside one of Unsloth's own compiled
+  regions (it compiles whole decoder layers) is rewritten there as well.
 - `enable()` wraps Unsloth's loaders (`FastLanguageModel`/`FastModel` `.from_pretrained` and `.get_peft_model`)
   and PEFT's `PeftModel.from_pretrained`, so `apply` runs after each of them: after loading, after LoRA is added,
   after a saved adapter is attached.
@@ -60,12 +62,30 @@ def _take_over_from_unsloth(model: nn.Module) -> int:
     return carried
 
 
-def apply(model: nn.Module, *, inner="inductor", options: dict | None = None) -> nn.Module:
+def add_global_inductor_pass() -> None:
+    """Put the graph_moe pass into the global Inductor config, composed with any pass already there.
+
+    Unsloth compiles whole decoder layers with Inductor and a fixed options dict that cannot carry a pass; the
+    global `pre_grad_custom_pass` is read by every Inductor compile, Unsloth's included. So an MoE block traced
+    inside one of Unsloth's compiled regions is rewritten there too.
+    """
+    import torch._inductor.config as inductor_config
+
+    from graph_moe.inductor_pass import inductor_options
+
+    inductor_config.pre_grad_custom_pass = inductor_options()["pre_grad_custom_pass"]  # keeps others' passes, once
+
+
+def apply(model: nn.Module, *, inner="inductor", options: dict | None = None,
+          global_pass: bool | None = None) -> nn.Module:
     """Install graph_moe on `model`'s MoE blocks (taking them over from Unsloth) and compile each block.
 
     inner: the compiler run on the rewritten graphs; options: Inductor options (default: Unsloth's own).
+    global_pass: also add the pass to the global Inductor config (default: when Unsloth is installed).
     Idempotent: run it again after adapters are added or attached. Returns `model`.
     """
+    if unsloth_available() if global_pass is None else global_pass:
+        add_global_inductor_pass()
     _take_over_from_unsloth(model)
     report = install(model)
     modules = dict(model.named_modules())
