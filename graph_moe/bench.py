@@ -149,7 +149,7 @@ def graph_moe_block(block, mode=None, layout=True):
     return forward
 
 
-def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False) -> list[dict]:
+def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None) -> list[dict]:
     from torch._dynamo.utils import counters
 
     # Every variant compiles the same traceable forward, twice (with and without input grad): more than the default 8.
@@ -164,19 +164,20 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         block = hf_block(shape)
         variants = {"grouped_eager": grouped_reference(block)}
         variants["grouped_compiled"] = torch.compile(variants["grouped_eager"], fullgraph=True)
-        variants["graph_moe"] = graph_moe_block(block)
+        variants["graph_moe"] = graph_moe_block(block, mode)
         if stacked:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
             variants["hf_loop"] = lambda x: block(x)[0]
+        lora_block = qlora_block = None
         if lora:
             lora_block = with_lora(block)
-            variants["graph_moe_lora"] = graph_moe_block(lora_block)
+            variants["graph_moe_lora"] = graph_moe_block(lora_block, mode)
             if with_loop:
                 variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
         if qlora:
             qlora_block = with_lora(with_nf4(block))
-            variants["graph_moe_qlora"] = graph_moe_block(qlora_block)
+            variants["graph_moe_qlora"] = graph_moe_block(qlora_block, mode)
             if with_loop:
                 variants["hf_loop_qlora"] = lambda x: qlora_block(x)[0]
         for tokens in token_counts:
@@ -200,8 +201,13 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 xg = x.clone().requires_grad_()
                 grad = torch.randn_like(x)
 
+                adapters = [m for m in (lora_block, qlora_block) if m is not None]
+                trainable = [q for m in adapters for q in m.parameters() if q.requires_grad]
+
                 def fwd_bwd():
                     xg.grad = None
+                    for q in trainable:  # as optimizer.zero_grad(set_to_none=True) does in a training step
+                        q.grad = None
                     fn(xg).backward(grad)
 
                 torch.cuda.reset_peak_memory_stats()
@@ -240,13 +246,14 @@ def main(argv=None) -> int:
     p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
     p.add_argument("--lora", action="store_true", help="also LoRA r=16 on every expert projection (PEFT)")
     p.add_argument("--qlora", action="store_true", help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT)")
+    p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
-                  qlora=args.qlora)
+                  qlora=args.qlora, mode=args.mode)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}
