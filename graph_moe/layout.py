@@ -29,6 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()
+
 _ATTR = "_graph_moe_layout"
 
 
@@ -145,6 +150,9 @@ def _why_not(block: nn.Module, names) -> str | None:
                     return f"experts[{e}].{name}: {why}"
                 dtypes.add(("4bit", _quant_key(lin), lin.weight.device))
                 continue
+            if isinstance(lin.weight, DTensor):
+                # FSDP2 swaps in all-gathered weights for each forward: no stack of its own to lay out.
+                return "sharded experts (DTensor, FSDP2): the pass stacks the all-gathered weights per forward"
             if lin.weight.requires_grad:
                 return "trainable experts (stacked per forward, so gradients reach every expert weight)"
             if lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks:
