@@ -75,6 +75,22 @@ def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True,
     return keep
 
 
+def assert_training_tracks_eager(model, reference, *, steps=3, tolerance=2e-2):
+    """A few AdamW steps on the trainable parameters of `model` (compiled) and `reference` (eager), same tokens:
+    the losses stay within `tolerance` (relative, at least absolute for losses below 1)."""
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (model, reference)]
+    ids = torch.randint(0, 64, (2, 6))
+    for _ in range(steps):
+        losses = []
+        for m, opt in zip((model, reference), opts):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < tolerance * max(1.0, abs(losses[1])), losses
+
+
 def assert_close_bf16(a, b, what=""):
     torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=lambda m: f"{what}: {m}")
 

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 
 import graph_moe
-from helpers import assert_close_bf16
+from helpers import assert_training_tracks_eager, assert_close_bf16
 from tiny_models import build
 
 
@@ -48,17 +48,7 @@ def test_lora_training_steps_track_eager():
     model = _lora_model(adapter_fp32=True)
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (model, reference)]
-    ids = torch.randint(0, 64, (2, 6))
-    for _ in range(3):
-        losses = []
-        for m, opt in zip((model, reference), opts):
-            opt.zero_grad()
-            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) < 2e-2 * abs(losses[1]), losses
+    assert_training_tracks_eager(model, reference)
 
 
 def test_lora_dropout_is_rewritten():

@@ -29,8 +29,9 @@ class Family:
     # wrapping it through `base_layer` (PEFT ParamWrappers), outermost first: take over their work; the report's text
 
 
-def module_list_check(block: nn.Module) -> str | None:
-    """Structure the 4.x ModuleList blocks share: experts in a ModuleList, num_experts, top_k, a Linear router."""
+def module_list_check(block: nn.Module, router: str = "gate") -> str | None:
+    """Structure the 4.x ModuleList blocks share: experts in a ModuleList, num_experts, top_k, and a Linear
+    router named `router` with num_experts outputs."""
     experts = getattr(block, "experts", None)
     if not isinstance(experts, nn.ModuleList):
         return "experts is not an nn.ModuleList"
@@ -39,11 +40,11 @@ def module_list_check(block: nn.Module) -> str | None:
         return f"num_experts={num_experts!r} does not match len(experts)={len(experts)}"
     if not isinstance(getattr(block, "top_k", None), int):
         return "no integer top_k"
-    gate = getattr(block, "gate", None)
+    gate = getattr(block, router, None)
     # A PEFT-wrapped router (LoRA on "gate") still routes through a Linear underneath.
     base_gate = gate.get_base_layer() if hasattr(gate, "get_base_layer") else gate
     if not isinstance(base_gate, nn.Linear) or base_gate.out_features != num_experts:
-        return "gate is not an nn.Linear router with num_experts outputs"
+        return f"{router} is not an nn.Linear router with num_experts outputs"
     return None
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_moe.families.common import Family, range_expert_loop, softmax_topk
+from graph_moe.families.common import Family, module_list_check, range_expert_loop, softmax_topk
 from graph_moe.layout import usable_layout
 
 
@@ -83,32 +83,15 @@ def dbrx_forward(self, x: torch.Tensor):
     return out.reshape(bsz, q_len, hidden), weights
 
 
-def _module_list_check(block: nn.Module, router: str) -> str | None:
-    """ModuleList experts, num_experts, top_k and a Linear router with num_experts outputs named `router`."""
-    experts = getattr(block, "experts", None)
-    if not isinstance(experts, nn.ModuleList):
-        return "experts is not an nn.ModuleList"
-    num_experts = getattr(block, "num_experts", None)
-    if not isinstance(num_experts, int) or num_experts != len(experts):
-        return f"num_experts={num_experts!r} does not match len(experts)={len(experts)}"
-    if not isinstance(getattr(block, "top_k", None), int):
-        return "no integer top_k"
-    gate = getattr(block, router, None)
-    base_gate = gate.get_base_layer() if hasattr(gate, "get_base_layer") else gate
-    if not isinstance(base_gate, nn.Linear) or base_gate.out_features != num_experts:
-        return f"{router} is not an nn.Linear router with num_experts outputs"
-    return None
-
-
 def phimoe_check(block: nn.Module) -> str | None:
-    reason = _module_list_check(block, "gate")
+    reason = module_list_check(block, "gate")
     if reason is None and block.top_k != 2:
         return f"top_k={block.top_k}: sparsemixer routes to exactly 2 experts"
     return reason
 
 
 def jamba_check(block: nn.Module) -> str | None:
-    return _module_list_check(block, "router")
+    return module_list_check(block, "router")
 
 
 def dbrx_check(block: nn.Module) -> str | None:
