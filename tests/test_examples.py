@@ -17,3 +17,11 @@ def test_example_runs(script, inner):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1: loss" in proc.stdout
     assert "'loops_rewritten': 0" not in proc.stdout and "loops_rewritten" in proc.stdout
+
+
+def test_unsloth_example_explains_itself_without_unsloth():
+    """The Unsloth example needs a GPU and Unsloth to run; its --help works anywhere."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "unsloth_qlora.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "graph_moe.integrations.unsloth.enable()" in proc.stdout and "--no-graph-moe" in proc.stdout
