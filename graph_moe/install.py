@@ -59,6 +59,17 @@ def _is_ours(block: nn.Module) -> bool:
     return getattr(forward, "__func__", None) in TRACEABLE_FORWARDS
 
 
+def _first_int(block: nn.Module, names) -> int | None:
+    """The first integer attribute among `names` on the block, its router/gate, or its config (for the report:
+    DeepSeek, DBRX, gpt-oss or Granite blocks keep their sizes on the router)."""
+    for owner in (block, getattr(block, "router", None), getattr(block, "gate", None), getattr(block, "config", None)):
+        for name in names:
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
 def _forward_replaced(block: nn.Module) -> bool:
     """An instance forward other than the class's own (restoring libraries, Unsloth's included, may leave the
     class forward bound on the instance: that one is the class's and safe to shadow)."""
@@ -84,8 +95,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             path=path,
             class_name=type(block).__name__,
             form=family.form if family else None,
-            num_experts=getattr(block, "num_experts", None),
-            top_k=getattr(block, "top_k", None),
+            num_experts=_first_int(block, ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")),
+            top_k=_first_int(block, ("top_k", "num_experts_per_tok", "moe_top_k")),
             status="installed",
         )
         reason = unsupported_reason(block)

@@ -59,7 +59,9 @@ def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True,
         model.eval(), reference.eval()
     keep = Keep()
     graph_moe.compile(model, inner=keep, regional=regional)
-    assert model._graph_moe_install_report.num_installed == blocks, str(model._graph_moe_install_report)
+    report = model._graph_moe_install_report
+    assert report.num_installed == blocks, str(report)
+    assert all(isinstance(b.num_experts, int) and isinstance(b.top_k, int) for b in report.blocks), str(report)
     ids = torch.randint(0, vocab, (2, 7))
     ref_logits, ref_grads = loss_and_grads(reference, ids)
     logits, grads = loss_and_grads(model, ids)
