@@ -69,3 +69,37 @@ def test_merged_adapters_fall_back_to_the_modules():
             out = model(input_ids=ids, use_cache=False).logits
             ref = reference(input_ids=ids, use_cache=False).logits
         assert_close_bf16(out, ref, f"merged={merge}")
+
+
+def _save_adapters(path, names):
+    """Adapters `names` for the tiny Qwen3-MoE, each with its own random weights, saved under `path`/<name>."""
+    for i, name in enumerate(names):
+        base = build("qwen3_moe")
+        torch.manual_seed(10 + i)  # after build, which seeds its own weights
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"])
+        get_peft_model(base, config, autocast_adapter_dtype=False).save_pretrained(path / name)
+
+
+def test_adapters_loaded_after_install_and_the_active_one(tmp_path):
+    """PeftModel.from_pretrained on a graph_moe-compiled model, a second adapter, set_adapter: the compiled model
+    follows the active adapter, rewritten, equal to eager PEFT."""
+    from peft import PeftModel
+
+    _save_adapters(tmp_path, ["first", "second"])
+    model = graph_moe.compile(build("qwen3_moe"), inner="aot_eager")
+    model = PeftModel.from_pretrained(model, tmp_path / "first", adapter_name="first", autocast_adapter_dtype=False)
+    model.load_adapter(tmp_path / "second", adapter_name="second", autocast_adapter_dtype=False)
+    reference = PeftModel.from_pretrained(build("qwen3_moe"), tmp_path / "first", adapter_name="first",
+                                          autocast_adapter_dtype=False)
+    reference.load_adapter(tmp_path / "second", adapter_name="second", autocast_adapter_dtype=False)
+    ids = torch.randint(0, 64, (2, 6))
+    losses = {}
+    for name in ("first", "second"):
+        model.set_adapter(name), reference.set_adapter(name)
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids, use_cache=False).loss
+            ref = reference(input_ids=ids, labels=ids, use_cache=False).loss
+        assert_close_bf16(out, ref, f"loss with adapter {name}")
+        losses[name] = ref.item()
+    assert losses["first"] != losses["second"]  # the adapters differ: the active one is what counts
+    assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
