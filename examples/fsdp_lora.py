@@ -27,6 +27,8 @@ import argparse
 import copy
 import gc
 import os
+import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="sequences per rank")
     p.add_argument("--seq", type=int, default=7)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (8: bf16 rows of 16 bytes, as torch._grouped_mm needs)")
+    p.add_argument("--compile", choices=["graph_moe", "plain", "none"], default="graph_moe",
+                   help="graph_moe.compile (default); plain torch.compile of each decoder layer (the expert loop as "
+                        "HF wrote it); none: eager. The last two are the baselines for the step time")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                   help="DDP's gradient bucket size (small values make many buckets: tests use it)")
     p.add_argument("--check", action="store_true",
                    help="compare step 0's loss and LoRA gradients with a single-process eager run; exit 1 if not equal")
     return p.parse_args(argv)
@@ -73,6 +80,14 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.get_base_model().model.layers
 
 
+def compile_layers(model, args):
+    if args.compile == "graph_moe":
+        graph_moe.compile(model, inner=args.inner)
+    elif args.compile == "plain":  # what one would do without graph_moe: regional compile, same inner compiler
+        for layer in decoder_layers(model):
+            layer.compile(backend=args.inner)
+
+
 def parallelize(model, args, device):
     """Returns (the module to call, the model whose named_parameters() hold the LoRA weights)."""
     if args.parallel == "fsdp2":
@@ -83,12 +98,16 @@ def parallelize(model, args, device):
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        graph_moe.compile(model, inner=args.inner)  # after sharding: see the module docstring
+        compile_layers(model, args)  # after sharding: see the module docstring
         return model, model
     from torch.nn.parallel import DistributedDataParallel
 
-    graph_moe.compile(model, inner=args.inner)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_layers(model, args)
+    # The HF loop skips experts no token chose, so some adapters get no gradient in a step: DDP must look for
+    # them. graph_moe's grouped experts use every adapter (zero gradients), so DDP need not.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=args.compile != "graph_moe",
+                                  bucket_cap_mb=args.bucket_cap_mb)
     return ddp, model
 
 
@@ -144,13 +163,16 @@ def main(argv=None) -> int:
     model = build(args, device)
     reference = copy.deepcopy(model) if args.check else None  # untouched: no install, no sharding, no compile
     module, model = parallelize(model, args, device)
-    report = model._graph_moe_install_report
-    print(f"[rank {rank}] installed {report.num_installed}/{len(report.blocks)} MoE blocks; expert weights: "
-          f"{sorted({b.weights for b in report.blocks})}", flush=True)
+    if args.compile == "graph_moe":
+        report = model._graph_moe_install_report
+        print(f"[rank {rank}] installed {report.num_installed}/{len(report.blocks)} MoE blocks; expert weights: "
+              f"{sorted({b.weights for b in report.blocks})}", flush=True)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     failed = False
+    step_times = []
     for step in range(args.steps):
+        start = time.perf_counter()
         ids = global_batch(args, step, world, device)
         local = ids[rank * args.batch:(rank + 1) * args.batch]
         loss = module(input_ids=local, labels=local, use_cache=False).loss
@@ -170,9 +192,16 @@ def main(argv=None) -> int:
                       f"single-process eager run", flush=True)
         opt.step()
         opt.zero_grad()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - start)  # step 0 (--check: 0 and 1) includes compiling / checking
         if rank == 0:
             print(f"step {step}: loss {global_loss.item():.4f}", flush=True)
     print(f"[rank {rank}] graph_moe counters: {graph_moe.counter_snapshot()}", flush=True)
+    steady = step_times[2:]
+    if rank == 0 and steady:
+        print(f"step time ({args.parallel}, {world} ranks, {args.compile}): {1e3 * statistics.median(steady):.1f} ms "
+              f"(median of steps 2-{args.steps - 1}; step 0 took {step_times[0]:.1f} s)", flush=True)
 
     # Every rank exits with the same status.
     status = torch.tensor([int(failed)], device=device)

@@ -42,6 +42,19 @@ def _warn_if_router_without_loop(gm: torch.fx.GraphModule) -> None:
                     "graph_moe.compile(model)) and compile under graph_moe.capture_settings().")
 
 
+def _warn_if_ddp_splits(reports) -> None:
+    """Loops left as traced under DDP with Dynamo's DDPOptimizer on: it cut the graph at gradient buckets, and so
+    the expert loop, before this backend saw it."""
+    if all(r.rewritten for r in reports) or not torch._dynamo.config.optimize_ddp:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    if DistributedDataParallel._get_active_ddp_module() is not None:
+        log.warning("graph_moe: under DDP, Dynamo's DDPOptimizer splits each graph at gradient buckets, which "
+                    "cuts expert loops apart; set torch._dynamo.config.optimize_ddp = False (graph_moe.compile "
+                    "and graph_moe.capture_settings() do) and compile per decoder layer.")
+
+
 def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
                  fuse_projections: bool = True, on_reports: Callable[[list[LoopReport]], Any] | None = None):
     """Build a graph_moe backend.
@@ -59,6 +72,7 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
         record(reports)
         if not reports:
             _warn_if_router_without_loop(gm)
+        _warn_if_ddp_splits(reports)
         if on_reports is not None:
             on_reports(reports)
         return run_inner(inner, gm, example_inputs, mode=kwargs.get("mode", mode),

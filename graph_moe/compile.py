@@ -21,7 +21,11 @@ from graph_moe.install import InstallReport, install
 
 log = logging.getLogger("graph_moe")
 
-CAPTURE_SETTINGS = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+# optimize_ddp: under DDP, Dynamo's DDPOptimizer splits each graph at gradient-bucket boundaries BEFORE the backend
+# sees it, cutting the expert loop into pieces no pass can prove whole. Each compiled region (a decoder layer) stays
+# one graph instead; its gradients still reach DDP's buckets as that layer's backward ends, so communication
+# overlaps layer by layer.
+CAPTURE_SETTINGS = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True, optimize_ddp=False)
 
 
 def capture_settings():

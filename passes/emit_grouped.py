@@ -2,15 +2,18 @@
 
     flat_expert_ids, token_order = sort(ids.flatten(), stable)   rows grouped by expert
     expert_offsets = searchsorted(flat_expert_ids, arange(E))    int32 end offsets, no host sync
-    token_index / slot_index = token_order // K, token_order % K the coordinates torch.where gave
-    ... expert 0's body, once over all S = tokens * top_k rows, each per-expert linear as
-        torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=expert_offsets)
+    slot_of_row, grouped_offsets                                 each expert's rows padded to 16 bytes (8 rows
+                                                                 in bf16), as torch._grouped_mm needs on CUDA
+    token_index / slot_index = slot_of_row // K, slot_of_row % K the coordinates torch.where gave
+    ... expert 0's body, once over all padded rows (S = tokens * top_k, plus at most 7 per expert), each
+        per-expert linear as
+        torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=grouped_offsets)
         (x @ stack[e] with an (E, in, out) stack: torch._grouped_mm(rows, stack, offs=...), no transpose),
         each per-expert element-wise operand (a bias added after x @ w[e]) as stack[sorted_expert_ids]
     combined = scatter rows back to (token, slot) order, .unflatten(0, (-1, K)).sum(slot dim)
 
-The combine un-permutes and sums over the k slots: a scatter with unique indices and a reduction,
-no atomics.
+The combine un-permutes and sums over the k slots: a scatter with unique indices (the padding rows onto one
+extra row, cut off) and a reduction, no atomics.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
@@ -136,17 +139,28 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     token_order = b.call(operator.getitem, sort, 1, name="token_order")
     experts = b.call(torch.arange, cand.num_experts, device=ids_val.device, name="expert_range")
     offsets = b.call(torch.searchsorted, sorted_ids, experts, right=True, out_int32=True, name="expert_offsets")
+    rows = b.size(flat_ids, 0)
+    align = _row_alignment(loop)
+    slot_of_row, grouped_offsets, padded_rows = _aligned_groups(b, sorted_ids, token_order, offsets, rows,
+                                                                 cand.num_experts, align)
     k = b.size(ids, 1)
     token_dim = cand.mask_dims[1 + loop.token_output]  # the ids dim that indexes accumulator rows
     names = ("token_index", "slot_index") if token_dim == 0 else ("slot_index", "token_index")
-    coords_by_dim = [b.call(operator.floordiv, token_order, k, name=names[0]),
-                     b.call(operator.mod, token_order, k, name=names[1])]
+    # Padding rows read the last (token, slot): any valid row will do, their results are dropped in the combine.
+    real_slot = b.method("clamp_max", slot_of_row, b.call(operator.sub, rows, 1) if isinstance(rows, fx.Node)
+                         else rows - 1, name="row_slot")
+    coords_by_dim = [b.call(operator.floordiv, real_slot, k, name=names[0]),
+                     b.call(operator.mod, real_slot, k, name=names[1])]
     # torch.where(mask[e]) output j is a coordinate along ids dim mask_dims[1 + j].
     coords = [coords_by_dim[cand.mask_dims[1 + j]] for j in range(2)]
+    row_expert = None
+    if loop.per_expert or any(g.biases for g in loop.linears):  # each row's expert, padding rows included
+        row_range = b.call(torch.arange, padded_rows, dtype=torch.int32, device=ids_val.device, name="row_range")
+        row_expert = b.call(torch.searchsorted, grouped_offsets, row_range, right=True, name="row_expert")
 
     env: dict[fx.Node, fx.Node] = {n: coords[j] for n, j in loop.coords.items()}
     for operand in loop.per_expert:  # each row reads its own expert's value
-        env[operand.node] = b.call(operator.getitem, _stack(b, operand.values, "per_expert"), sorted_ids,
+        env[operand.node] = b.call(operator.getitem, _stack(b, operand.values, "per_expert"), row_expert,
                                    name="row_" + re.sub(r"\W", "_", _projection_name(operand.node)))
     linears = {g.node: g for g in loop.linears}
     fused = _fusable_pairs(loop.linears) if fuse_projections else {}
@@ -165,7 +179,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                 w_a, w_b = _stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")
                 out_dim = 1 if g.transposed else 2  # (E, out, in) or (E, in, out)
                 w = b.call(torch.cat, [w_a, w_b], out_dim, name="stacked_weight")
-                out, fallback = _grouped(b, x, w, offsets, [g, partner], sorted_ids, names)
+                out, fallback = _grouped(b, x, w, grouped_offsets, [g, partner], row_expert, names)
                 split = b.method("split", out, [b.size(w_a, out_dim), b.size(w_b, out_dim)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
                 env[partner.node] = b.call(operator.getitem, split, 1,
@@ -174,16 +188,20 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             else:
                 name = _projection_name(g.weights[0])
                 w = _stack(b, g.weights, "stacked_weight")
-                env[node], fallback = _grouped(b, x, w, offsets, [g], sorted_ids, name)
+                env[node], fallback = _grouped(b, x, w, grouped_offsets, [g], row_expert, name)
                 projections.append((name, fallback))
             continue
         env[node] = b.copy(node, env)
 
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
-    # Back to (token, slot) order by a scatter with unique indices: no atomics forward, and its
-    # gradient is a gather (an index_select here would put an atomic index_add in the backward).
-    by_token = b.method("index_put", b.call(torch.empty_like, rows_out, name="rows_by_token_empty"),
-                        (token_order,), rows_out, name="rows_by_token")
+    # Back to (token, slot) order by a scatter with unique indices (padding rows all land on one extra row, cut
+    # off): no atomics forward, and its gradient is a gather (an index_select here would put an atomic index_add
+    # in the backward).
+    shape = [b.call(operator.add, rows, 1) if isinstance(rows, fx.Node) else rows + 1] + [
+        b.size(rows_out, d) for d in range(1, example_value(rows_out).dim())]
+    by_token = b.method("index_put", b.method("new_empty", rows_out, shape, name="rows_by_token_empty"),
+                        (slot_of_row,), rows_out, name="rows_by_token")
+    by_token = b.method("narrow", by_token, 0, 0, rows, name="rows_by_token_real")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
     combined = b.method("sum", by_token, 1 - token_dim, name="expert_output")
 
@@ -197,6 +215,52 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                          f"combined rows {tuple(comb_val.shape)} {comb_val.dtype}")
     result = combined if op_name(acc) in ZERO_FACTORIES else b.call(operator.add, acc, combined, name="moe_output")
     return result, projections
+
+
+def _row_alignment(loop: ProvenLoop) -> int:
+    """Rows per 16 bytes of the grouped GEMMs' inputs (8 in bf16) when some grouped weight is trained (LoRA
+    adapters, experts): their weight-gradient GEMMs group along the rows (see `_aligned_groups`). 1 otherwise:
+    the forward and input-gradient GEMMs group along the rows of row-major inputs, which need no alignment,
+    and frozen experts then skip the padding's few small kernels."""
+    trained = any(getattr(example_value(w), "requires_grad", False) for g in loop.linears for w in g.weights)
+    sizes = [example_value(g.node.args[0]).dtype.itemsize for g in loop.linears]
+    return max(1, 16 // min(sizes)) if trained and sizes else 1
+
+
+def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_experts: int, align: int):
+    """Each expert's rows, padded to a multiple of `align` rows.
+
+    torch._grouped_mm on CUDA needs every group to start on a 16-byte boundary along a dimension it groups when
+    that dimension is the contiguous one: Inductor is free to lay out the saved rows or their gradients that way
+    (the weight-gradient GEMMs of LoRA or trained experts group along the rows), and then groups of any size
+    fail ("strides should be multiple of 16 bytes", or a device assert). Padded groups hold in every layout.
+    The padded size is static (rows + E * (align - 1), rounded up), so no host sync; the last group takes
+    the rows left at the end. Returns (slot_of_row: for each padded row, its flat (token, slot) index, `rows`
+    for padding; the grouped GEMMs' int32 end offsets; the padded row count)."""
+    if align == 1:
+        return token_order, offsets, rows
+    device = example_value(sorted_ids).device
+    zero = b.call(torch.zeros, 1, dtype=torch.int32, device=device, name="zero_offset")
+    counts = b.call(torch.diff, offsets, prepend=zero, name="expert_rows")
+    padded = b.call(operator.mul, b.call(operator.floordiv, b.call(operator.add, counts, align - 1), align), align,
+                    name="expert_padded_rows")
+    padded_ends = b.call(torch.cumsum, padded, 0, dtype=torch.int32, name="padded_ends")
+    # row j of expert e moves by (padded start of e) - (start of e)
+    shift = b.call(operator.sub, b.call(operator.sub, padded_ends, padded), b.call(operator.sub, offsets, counts),
+                   name="expert_row_shift")
+    positions = b.call(torch.arange, rows, device=device, name="sorted_row")
+    position = b.call(operator.add, positions, b.call(operator.getitem, shift, sorted_ids), name="padded_row")
+    if isinstance(rows, fx.Node):
+        padded_rows = b.call(operator.mul, b.call(operator.floordiv, b.call(
+            operator.add, rows, num_experts * (align - 1) + align - 1), align), align, name="padded_rows")
+    else:
+        padded_rows = (rows + num_experts * (align - 1) + align - 1) // align * align
+    slot_of_row = b.method("index_put", b.call(torch.full, (padded_rows,), rows, dtype=torch.int64, device=device,
+                                               name="padding_slots"), (position,), token_order, name="slot_of_row")
+    last = b.method("new_full", padded_ends, (1,), padded_rows, name="padded_total")
+    grouped_offsets = b.call(torch.cat, [b.call(operator.getitem, padded_ends, slice(None, -1)), last],
+                             name="grouped_offsets")
+    return slot_of_row, grouped_offsets, padded_rows
 
 
 def _reroute(loop: ProvenLoop, result: fx.Node):
@@ -218,7 +282,7 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
     _drop_unused(graph, [cand.mask])
 
 
-def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
+def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
     w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
     fallback = not _fits_grouped_mm(example_value(x), example_value(w))
     per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
@@ -233,7 +297,7 @@ def _grouped(b: _Builder, x, w, offsets, linears, sorted_ids, name):
             raise Unprovable("fused projections with and without bias")
         bias = b.call(torch.cat, [_stack(b, g.biases, "bias") for g in linears], 1) if len(linears) > 1 \
             else _stack(b, linears[0].biases, "stacked_bias")
-        out = b.call(operator.add, out, b.call(operator.getitem, bias, sorted_ids, name="row_bias"))
+        out = b.call(operator.add, out, b.call(operator.getitem, bias, row_expert, name="row_bias"))
     return out, fallback
 
 

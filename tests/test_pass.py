@@ -172,3 +172,38 @@ def test_dynamic_true_reads_sizes_at_an_index_equal_to_the_expert():
         out = compiled(x)[0]
     assert [r.rewritten for r in rec.reports] == [True], [str(r) for r in rec.reports]
     assert_close_bf16(out, block(x)[0], "output")
+
+
+@pytest.mark.parametrize("trained", [True, False], ids=["trained", "frozen"])
+def test_expert_groups_start_on_16_byte_boundaries(trained):
+    """torch._grouped_mm on CUDA needs each group along a contiguous grouped dimension 16-byte aligned, in whatever
+    layout Inductor picks for the rows or their gradients: with trained expert weights (weight-gradient GEMMs
+    grouped along the rows) the rewrite pads every expert's rows to a multiple of 8 (bf16), the padding rows are
+    dropped in the combine, and output and gradients still equal eager. Frozen experts are not padded."""
+    torch.manual_seed(3)
+    module = RangeMoE(num_experts=8, top_k=3).to(torch.bfloat16)
+    module.experts.requires_grad_(trained)
+    x = torch.randn(1, 7, module.gate.in_features, dtype=torch.bfloat16)  # 21 rows: groups of odd sizes
+    calls = []
+
+    class Watch(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if getattr(target, "__name__", None) == "_grouped_mm":
+                calls.append((args[0].shape[0], kwargs["offs"].tolist()))
+            return super().call_function(target, args, kwargs)
+
+    rec = Recorder(inner=lambda gm, example_inputs, **kw: lambda *args: Watch(gm).run(*args))
+    ref, out, ref_grads, out_grads = _run(module, x, rec)
+    assert [r.rewritten for r in rec.reports] == [True], [str(r) for r in rec.reports]
+    assert len(calls) == 2, calls
+    for rows, offs in calls:
+        assert offs[-1] == rows and offs == sorted(offs), (rows, offs)
+        if trained:
+            assert rows % 8 == 0 and rows >= 21 and all(o % 8 == 0 for o in offs), (rows, offs)
+        else:
+            assert rows == 21, (rows, offs)
+    assert_close_bf16(out, ref, "output")
+    for i, (a, b) in enumerate(zip(out_grads, ref_grads)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close_bf16(a, b, f"grad {i}")
