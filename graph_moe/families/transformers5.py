@@ -17,6 +17,15 @@ instance is checked by structure: its class's own eager forward must be one of t
 as syntax trees, so another version's or a remote-code class's different loop is refused, not guessed at), its
 parameters must have the 3D shapes above and `self._apply_gate` must read one row at a time (the pass proves it).
 
+Classes whose eager loop is another one (transposed weights, biases, an fp32 accumulator, a norm per expert, no gate)
+are listed by name in `_DERIVED_CLASSES`: their range loop is derived from their own eager forward's syntax tree
+(transformers5_generic.py: the same statements over `range(E)`, refused with the reason where the loop's structure
+does not make that exact). What the pass does with the result is its own proof; on transformers 5.24 (tests/
+transformers5/test_tf5_derived_experts.py): AriaExperts, GptOssExperts, Inkling2Experts, Inkling2LoopExperts and
+NemotronHExperts are grouped; OpenAIPrivacyFilterExperts (weights cast with `.float()` per expert, outside the rows)
+and MuseSparkExperts (its post-expert norm computes `(1.0 + weight).float()` once per expert) are left as traced,
+reported as "expert 1 differs from expert 0 ...: they read different outside values", and still equal eager.
+
 PEFT `target_parameters` (LoRA on the 3D parameters): PEFT wraps the experts in nested `ParamWrapper`s whose forward
 registers a parametrization (W + scaling * B @ A, a new weight stack and a new module class on every call: under
 torch.compile that graph-breaks and recompiles every step). `bind_lora_wrappers` (run by install) gives those
@@ -26,6 +35,7 @@ grouped GEMM plus two small grouped GEMMs per adapter, and no (E, out, in) weigh
 merged adapters are skipped, as PEFT skips them. Wrappers install cannot bind (LoRA on another parameter, a PEFT
 without `get_delta_factors`, wrapped after install without installing again) keep PEFT's forward, and
 `experts_forward` then reads the parametrized weights PEFT builds: correct, but rebuilt (and recompiled) per call.
+LoRA on the derived-loop classes always takes that PEFT path (`derived_wrappers` says so in the report).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graph_moe.families import transformers5_generic
 from graph_moe.families.common import Family
 
 _LORA_KWARG = "_graph_moe_lora"  # the bound ParamWrappers, passed down from the outermost one
@@ -198,13 +209,19 @@ def _is_standard_loop(forward) -> bool:
             and _body_dump(tree.body[0].body) in _STANDARD_DUMPS)
 
 
-def experts_check(experts: nn.Module) -> str | None:
-    """Why `experts` cannot take `experts_forward`, or None."""
-    config = getattr(experts, "config", None)
-    implementation = getattr(config, "_experts_implementation", None)
+def _not_eager(experts: nn.Module) -> str | None:
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
     if implementation != "eager":
         return (f"experts_implementation={implementation!r} is transformers' own grouped forward (one graph, no "
                 "loop): left as it is")
+    return None
+
+
+def experts_check(experts: nn.Module) -> str | None:
+    """Why `experts` cannot take `experts_forward`, or None."""
+    why = _not_eager(experts)
+    if why is not None:
+        return why
     original = getattr(type(experts).forward, "__wrapped__", None)  # under @use_experts_implementation
     if original is None or not _is_standard_loop(original):
         return f"{type(experts).__name__}'s eager forward is not the standard transformers 5.x expert loop"
@@ -238,7 +255,38 @@ _CLASSES = (
 
 _FAMILY = Family(experts_forward, "H", ("gate_up_proj", "down_proj", "_apply_gate"), None, experts_check,
                  bind_lora_wrappers)
-FAMILIES = {name: _FAMILY for name in _CLASSES}
+
+
+def derived_check(experts: nn.Module) -> str | None:
+    """Why `experts` cannot take the range loop derived from its own class's eager forward
+    (transformers5_generic.py), or None (the derived forward is then registered for its class)."""
+    why = _not_eager(experts)
+    if why is not None:
+        return why
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism (sentinel expert ids)"
+    if not isinstance(getattr(experts, "num_experts", None), int):
+        return "no integer num_experts"
+    return transformers5_generic.register(type(experts))
+
+
+def derived_wrappers(experts: nn.Module, wrappers: list[nn.Module]) -> str:
+    """PEFT ParamWrappers around a derived-loop experts module keep PEFT's own forward: `lora_wrapper_forward`
+    hands the adapters to `experts_forward`, which the derived loops do not take."""
+    text = "3D, stacked by the model"
+    if wrappers:
+        text += "; LoRA left to PEFT's forward (weights rebuilt per forward)"
+    return text
+
+
+# transformers 5.24 classes whose eager loop is not a standard one: the range loop is derived from their own
+# forward (transformers5_generic.py). Whether the pass then groups it is the pass's proof (README table).
+_DERIVED_CLASSES = ("AriaExperts", "GptOssExperts", "Inkling2Experts", "Inkling2LoopExperts", "MuseSparkExperts",
+                    "NemotronHExperts", "OpenAIPrivacyFilterExperts")
+
+_DERIVED_FAMILY = Family(transformers5_generic.generic_experts_forward, "H", (), None, derived_check,
+                         derived_wrappers)
+FAMILIES = {name: _FAMILY for name in _CLASSES} | {name: _DERIVED_FAMILY for name in _DERIVED_CLASSES}
 
 
 def delegates_to_experts(block: nn.Module) -> bool:
