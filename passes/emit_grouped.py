@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
@@ -89,7 +90,23 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
         if (isinstance(val, torch.Tensor) and isinstance(one, torch.Tensor) and val.dim() == one.dim() + 1
                 and statically_known_true(val.shape[0] == len(tensors))):
             return base
-    return b.call(torch.stack, list(tensors), name=name)
+    return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
+
+
+def _recompute_in_backward(node: fx.Node) -> fx.Node:
+    """Tag a copy of per-expert weights (and views of it) to be recomputed in the backward rather than saved.
+
+    Saved, it would keep a second copy of every layer's expert weights alive from forward to backward (full
+    fine-tuning without the grouped layout), and under FSDP2 an unsharded copy of weights FSDP2 frees after the
+    forward. Recomputed, the backward stacks again from the per-expert weights, which autograd keeps anyway
+    (FSDP2 all-gathers them again before the layer's backward). AOTAutograd carries the tag to every aten node
+    traced from this one, and its partitioners honour it, as for activation checkpointing."""
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    return node
+
+
+def _is_recomputed(node) -> bool:
+    return isinstance(node, fx.Node) and node.meta.get("recompute") == CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _projection_name(weight: fx.Node) -> str:
@@ -179,6 +196,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                 w_a, w_b = _stack(b, g.weights, "w_a"), _stack(b, partner.weights, "w_b")
                 out_dim = 1 if g.transposed else 2  # (E, out, in) or (E, in, out)
                 w = b.call(torch.cat, [w_a, w_b], out_dim, name="stacked_weight")
+                if _is_recomputed(w_a) or _is_recomputed(w_b):
+                    _recompute_in_backward(w)
                 out, fallback = _grouped(b, x, w, grouped_offsets, [g, partner], row_expert, names)
                 split = b.method("split", out, [b.size(w_a, out_dim), b.size(w_b, out_dim)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
@@ -284,6 +303,8 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
 
 def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
     w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
+    if w_t is not w and _is_recomputed(w):
+        _recompute_in_backward(w_t)
     fallback = not _fits_grouped_mm(example_value(x), example_value(w))
     per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
     if not fallback and per_call:

@@ -207,3 +207,24 @@ def test_expert_groups_start_on_16_byte_boundaries(trained):
         assert (a is None) == (b is None)
         if a is not None:
             assert_close_bf16(a, b, f"grad {i}")
+
+
+def test_stacked_expert_weights_are_not_saved_for_backward():
+    """Per-expert weights the pass stacks (no grouped layout: trained experts, FSDP2 shards) are stacked again in
+    the backward, not kept from the forward: saving the stack would hold a second copy of every layer's expert
+    weights until the backward. Gradients still equal eager."""
+    torch.manual_seed(5)
+    module = RangeMoE(num_experts=8, top_k=2, hidden=16, inter=32).to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    rec = Recorder()
+    ref, out, ref_grads, out_grads = _run(module, x, rec)  # compiles
+    assert [r.rewritten for r in rec.reports] == [True], [str(r) for r in rec.reports]
+    for a, b in zip(out_grads, ref_grads):
+        assert_close_bf16(a, b, "grad")
+
+    compiled = torch.compile(module, backend=rec.backend)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        compiled(x.clone().requires_grad_()).sum().backward()
+    stacks = {(8, 64, 16), (8, 16, 64), (8, 16, 32), (8, 32, 16)}  # gate+up (E, 2I, H), down (E, H, I), transposed
+    assert saved and not stacks & set(saved), saved
