@@ -32,7 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
-from .ops import ZERO_FACTORIES, example_value, is_getitem, op_name
+from .ops import ZERO_FACTORIES, cast_signature, example_value, is_getitem, op_name, slice_source
 from .prove_bodies import ProvenLoop, Unprovable
 
 
@@ -84,12 +84,15 @@ class _Builder:
 
 def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
     """(E, *shape) from E per-expert tensors: the stacked tensor itself when expert e reads stack[e], else a copy."""
-    base = tensors[0].args[0] if is_getitem(tensors[0]) else None
-    if base is not None and all(is_getitem(t) and t.args == (base, e) for e, t in enumerate(tensors)):
+    sources = [slice_source(t) for t in tensors]
+    if all(sources) and all(s[0] is sources[0][0] and s[1] == e and cast_signature(s[2]) == cast_signature(
+            sources[0][2]) for e, s in enumerate(sources)):
+        base, _, cast = sources[0]
         val, one = example_value(base), example_value(tensors[0])
         if (isinstance(val, torch.Tensor) and isinstance(one, torch.Tensor) and val.dim() == one.dim() + 1
                 and statically_known_true(val.shape[0] == len(tensors))):
-            return base
+            # stack[e].float() for every e: the whole stack cast once (a copy: recomputed in the backward)
+            return base if cast is None else _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
     return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
 
 
@@ -112,8 +115,8 @@ def _is_recomputed(node) -> bool:
 def _projection_name(weight: fx.Node) -> str:
     """'gate_proj' for L['self']._modules['experts']._modules['0']._modules['gate_proj']._parameters['weight']:
     the module path after the expert index, without the generic words."""
-    if is_getitem(weight):  # stack[e]: name it after the stack
-        weight = weight.args[0]
+    if slice_source(weight) is not None:  # stack[e]: name it after the stack
+        weight = slice_source(weight)[0]
     source = getattr(weight.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
     text = (name() if callable(name) else name) or weight.name
@@ -339,7 +342,7 @@ def _fusable_pairs(linears):
     for group in by_input.values():
         if (len(group) == 2 and bool(group[0].biases) == bool(group[1].biases)
                 and group[0].transposed == group[1].transposed
-                and not any(all(is_getitem(w) for w in g.weights) for g in group)):
+                and not any(all(slice_source(w) is not None for w in g.weights) for g in group)):
             a, c = group
             pairs[a.node], pairs[c.node] = c, a
     return pairs

@@ -41,7 +41,10 @@ LAYOUT = {"reshape", "view", "flatten", "unflatten", "unsqueeze", "squeeze", "pe
 # Ops that work along a non-row dimension and keep rows apart.
 # name -> (position of the dim argument, its default)
 ALONG_DIM = {"softmax": (1, None), "log_softmax": (1, None), "glu": (1, -1), "chunk": (2, 0),
-             "split": (2, 0), "narrow": (1, None), "cat": (1, 0), "normalize": (2, 1)}
+             "split": (2, 0), "narrow": (1, None), "cat": (1, 0), "normalize": (2, 1),
+             # reductions (a hand-written RMSNorm's x.pow(2).mean(-1, keepdim=True)); no dim: over all, refused
+             "mean": (1, None), "sum": (1, None), "amax": (1, None), "amin": (1, None), "var": (1, None),
+             "std": (1, None), "logsumexp": (1, None)}
 
 # Normalisations over the trailing `normalized_shape` dims.
 NORMS = {"layer_norm", "rms_norm"}
@@ -67,6 +70,28 @@ FRESH = ZERO_FACTORIES | {"empty", "empty_like", "new_empty", "full", "full_like
 
 def is_getitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
+
+
+# Dtype casts a body may apply to its expert's slice of a stack (`gate_up_proj[e].float()`): the cast of the whole
+# stack, sliced, is the same value.
+CASTS = {"float", "half", "bfloat16", "double", "to", "type"}
+
+
+def slice_source(node):
+    """(stack, e, cast) for a per-expert read `stack[e]` or `stack[e].float()` (cast: that node), else None."""
+    cast = None
+    if (isinstance(node, fx.Node) and op_name(node) in CASTS and node.args and isinstance(node.args[0], fx.Node)
+            and not any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values()))):
+        cast, node = node, node.args[0]
+    if (isinstance(node, fx.Node) and is_getitem(node) and isinstance(node.args[0], fx.Node)
+            and isinstance(node.args[1], int) and isinstance(example_value(node.args[0]), torch.Tensor)):
+        return node.args[0], node.args[1], cast
+    return None
+
+
+def cast_signature(cast):
+    """What a cast node does, comparable across experts (None: no cast)."""
+    return None if cast is None else (cast.op, cast.target, cast.args[1:], tuple(sorted(cast.kwargs.items())))
 
 
 def example_value(node):

@@ -23,8 +23,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .find_loops import LoopCandidate
-from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, example_value,
-                  is_getitem, is_inplace, op_name, source_name)
+from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, cast_signature,
+                  example_value, is_getitem, is_inplace, op_name, slice_source, source_name)
 
 
 class Unprovable(Exception):
@@ -114,9 +114,11 @@ def _collect_body(step, steps_set) -> _Body:
                 continue
             if a.op in ("placeholder", "get_attr"):
                 leaves.add(a)
-            elif (is_getitem(a) and a.args[1] == step.expert and isinstance(a.args[0], fx.Node)
-                  and isinstance(example_value(a.args[0]), torch.Tensor)):  # stack[e], not sizes[1] at e == 1
-                slices.add(a)
+            else:  # stack[e] or stack[e].float() (not sizes[1] at e == 1)
+                source = slice_source(a)
+                if source is not None and source[1] == step.expert and (
+                        source[2] is None or all(u is a for u in a.args[0].users)):
+                    slices.add(a)
     return _Body(step.expert, nodes, coords, leaves, slices, dead)
 
 
@@ -141,6 +143,28 @@ def _sym_equal(a, b) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_sym_equal(x, y) for x, y in zip(a, b))
     return False
+
+
+_IMPURE_WORDS = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty")
+
+
+def _same_computation(a, b, depth: int = 6) -> bool:
+    """Two outside values each iteration recomputes the same way: the same pure op on the same values (MuseSpark's
+    `(1.0 + norm.weight).float()` in every expert). Provably equal, so the template's own copy stands for both.
+    Not through random, uninitialised or in-place ops, nor over values something writes in place."""
+    if a is b:
+        return not any(is_inplace(u) for u in a.users) if isinstance(a, fx.Node) else True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return type(a) is type(b) and len(a) == len(b) and all(
+                _same_computation(x, y, depth) for x, y in zip(a, b))
+        return type(a) is type(b) and a == b and not isinstance(a, (dict, slice))
+    if (depth == 0 or a.op != b.op or a.op not in ("call_function", "call_method") or a.target != b.target
+            or is_inplace(a) or any(w in op_name(a).lower() for w in _IMPURE_WORDS)
+            or a.kwargs.keys() != b.kwargs.keys()):
+        return False
+    return _same_computation(tuple(a.args), tuple(b.args), depth - 1) and all(
+        _same_computation(a.kwargs[k], b.kwargs[k], depth - 1) for k in a.kwargs)
 
 
 def _same_leaf(a: fx.Node, b: fx.Node) -> bool:
@@ -209,14 +233,17 @@ class _Matcher:
         if ka != kb:
             self.fail(a, b, f"{ka} value against {kb} value")
         # With dynamic shapes Dynamo re-reads x.shape in every iteration: equal sizes are the same value.
-        if ka == "outer" and a is not b and not _sym_equal(example_value(a), example_value(b)):
+        if (ka == "outer" and a is not b and not _sym_equal(example_value(a), example_value(b))
+                and not _same_computation(a, b)):
             self.fail(a, b, "they read different outside values")
         if ka == "coord" and self.b0.coords[a] != self.be.coords[b]:
             self.fail(a, b, "different torch.where outputs")
         if ka == "leaf" and not _same_leaf(a, b):
             self.fail(a, b, _leaf_difference(a, b))
-        if ka == "slice" and a.args[0] is not b.args[0]:
-            self.fail(a, b, "slices of different stacked weights")
+        if ka == "slice":
+            (stack_a, _, cast_a), (stack_b, _, cast_b) = slice_source(a), slice_source(b)
+            if stack_a is not stack_b or cast_signature(cast_a) != cast_signature(cast_b):
+                self.fail(a, b, "slices of different stacked weights")
         if ka == "body":
             if a.op != b.op or a.target != b.target:
                 self.fail(a, b, f"{op_name(a)} against {op_name(b)}")
@@ -377,9 +404,10 @@ class _RowCheck:
             return "rows"
         pos, default = ALONG_DIM[name]
         dim = node.kwargs.get("dim", node.args[pos] if len(node.args) > pos else default)
-        if not isinstance(dim, int):
+        dims = list(dim) if isinstance(dim, (tuple, list)) and dim else [dim]
+        if not all(isinstance(d, int) for d in dims):
             self.fail(node, "works along an unknown dimension")
-        if dim % sv.dim() == rd:
+        if any(d % sv.dim() == rd for d in dims):
             self.fail(node, "works across rows")
         if name == "cat" and any(_kind(t, self.body) != "body" for t in node.args[0]):
             self.fail(node, "concatenates rows with outside values")

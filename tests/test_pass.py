@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from helpers import Recorder, assert_close_bf16, grads
@@ -228,3 +229,80 @@ def test_stacked_expert_weights_are_not_saved_for_backward():
         compiled(x.clone().requires_grad_()).sum().backward()
     stacks = {(8, 64, 16), (8, 16, 64), (8, 16, 32), (8, 32, 16)}  # gate+up (E, 2I, H), down (E, H, I), transposed
     assert saved and not stacks & set(saved), saved
+
+
+class _SharedNormAfter(torch.nn.Module):
+    """An expert followed by a norm module every expert shares (MuseSpark's post-expert norm): a hand-written
+    RMSNorm, `x.pow(2).mean(-1)` per row, scaled by `(1 + weight)`, which each iteration recomputes."""
+
+    def __init__(self, expert, norm_weight):
+        super().__init__()
+        self.expert, self.norm_weight = expert, norm_weight
+
+    def forward(self, x):
+        h = self.expert(x).float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + self.norm_weight).float()).to(x.dtype)
+
+
+def test_per_row_reductions_and_recomputed_shared_values_are_grouped():
+    torch.manual_seed(11)
+    module = RangeMoE(num_experts=6, top_k=2).to(torch.bfloat16)
+    weight = torch.nn.Parameter(torch.randn(16, dtype=torch.bfloat16) * 0.1)
+    module.experts = torch.nn.ModuleList(_SharedNormAfter(e, weight) for e in module.experts)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    rec = Recorder()
+    ref, out, ref_grads, out_grads = _run(module, x, rec)
+    assert [r.rewritten for r in rec.reports] == [True], [str(r) for r in rec.reports]
+    assert rec.count("_grouped_mm") == 2 and rec.count("index_add_", "index_add") == 0
+    assert_close_bf16(out, ref, "output")
+    for i, (a, b) in enumerate(zip(out_grads, ref_grads)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close_bf16(a, b, f"grad {i}")
+
+
+class _CastSlices(torch.nn.Module):
+    """3-D expert weights, each expert's slice cast to fp32 in the loop (transformers 5.x privacy filter's form)."""
+
+    def __init__(self, num_experts=4, top_k=2, hidden=16, inter=32, cast_of_expert=lambda w, e: w.float()):
+        super().__init__()
+        self.num_experts, self.top_k, self.cast_of_expert = num_experts, top_k, cast_of_expert
+        self.gate = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.up = torch.nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.1)
+        self.down = torch.nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.1)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        w, sel = torch.topk(F.softmax(self.gate(flat), dim=-1, dtype=torch.float), self.top_k, dim=-1)
+        final = torch.zeros(flat.shape, dtype=torch.float32)
+        mask = F.one_hot(sel, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(mask[e])
+            h = F.silu(F.linear(flat[top_x].float(), self.cast_of_expert(self.up[e], e)))
+            h = F.linear(h, self.cast_of_expert(self.down[e], e)) * w[top_x, idx, None]
+            final.index_add_(0, top_x, h)
+        return final.to(x.dtype).reshape(x.shape)
+
+
+def test_casts_of_each_experts_slice_group_as_one_cast_stack():
+    torch.manual_seed(12)
+    module = _CastSlices().to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    rec = Recorder()
+    ref, out, ref_grads, out_grads = _run(module, x, rec)
+    assert [r.rewritten for r in rec.reports] == [True], [str(r) for r in rec.reports]
+    assert rec.count("grouped_mm") == 2 and rec.count("index_add_", "index_add") == 0  # fp32: the fallback op
+    assert_close_bf16(out, ref, "output")
+    for i, (a, b) in enumerate(zip(out_grads, ref_grads)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close_bf16(a, b, f"grad {i}")
+
+
+def test_experts_casting_their_slices_differently_are_left_alone():
+    torch.manual_seed(12)
+    module = _CastSlices(cast_of_expert=lambda w, e: w.float() if e != 2 else w.double().float()).to(torch.bfloat16)
+    rec = Recorder()
+    torch.compile(module, backend=rec.backend)(torch.randn(2, 5, 16, dtype=torch.bfloat16))
+    assert [r.rewritten for r in rec.reports] == [False], [str(r) for r in rec.reports]

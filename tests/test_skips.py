@@ -81,3 +81,29 @@ def test_value_used_outside_the_loop_is_left_alone():
     torch.manual_seed(0)
     module = Leaky(num_experts=3, top_k=2).to(torch.bfloat16)
     _assert_skipped(_compile_and_compare(module, Recorder()), "outside the loop")
+
+
+class _After(torch.nn.Module):
+    def __init__(self, expert, then):
+        super().__init__()
+        self.expert, self.then = expert, then
+
+    def forward(self, x):
+        return self.then(self.expert(x))
+
+
+def test_reduction_across_rows_is_left_alone():
+    torch.manual_seed(0)
+    module = RangeMoE(num_experts=3, top_k=2).to(torch.bfloat16)
+    module.experts = torch.nn.ModuleList(_After(e, lambda h: h - h.mean(0, keepdim=True)) for e in module.experts)
+    _assert_skipped(_compile_and_compare(module, Recorder()), "works across rows")
+
+
+def test_a_random_value_drawn_per_expert_is_left_alone():
+    """The same call in every iteration, but each draws its own value: not one computation."""
+    torch.manual_seed(0)
+    module = RangeMoE(num_experts=3, top_k=2).to(torch.bfloat16)
+    module.experts = torch.nn.ModuleList(_After(e, lambda h: h * torch.rand((), dtype=h.dtype)) for e in module.experts)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    torch.compile(module, backend=(rec := Recorder()).backend)(x)  # random: nothing to compare with eager
+    _assert_skipped(rec.reports, "different outside values")

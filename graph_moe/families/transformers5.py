@@ -21,10 +21,9 @@ Classes whose eager loop is another one (transposed weights, biases, an fp32 acc
 are listed by name in `_DERIVED_CLASSES`: their range loop is derived from their own eager forward's syntax tree
 (transformers5_generic.py: the same statements over `range(E)`, refused with the reason where the loop's structure
 does not make that exact). What the pass does with the result is its own proof; on transformers 5.24 (tests/
-transformers5/test_tf5_derived_experts.py): AriaExperts, GptOssExperts, Inkling2Experts, Inkling2LoopExperts and
-NemotronHExperts are grouped; OpenAIPrivacyFilterExperts (weights cast with `.float()` per expert, outside the rows)
-and MuseSparkExperts (its post-expert norm computes `(1.0 + weight).float()` once per expert) are left as traced,
-reported as "expert 1 differs from expert 0 ...: they read different outside values", and still equal eager.
+transformers5/test_tf5_derived_experts.py) all seven are grouped: AriaExperts, GptOssExperts, Inkling2Experts,
+Inkling2LoopExperts, NemotronHExperts, OpenAIPrivacyFilterExperts (each expert's slice cast to fp32: the stack is
+cast once) and MuseSparkExperts (a per-row RMSNorm after each expert).
 
 PEFT `target_parameters` (LoRA on the 3D parameters): PEFT wraps the experts in nested `ParamWrapper`s whose forward
 registers a parametrization (W + scaling * B @ A, a new weight stack and a new module class on every call: under

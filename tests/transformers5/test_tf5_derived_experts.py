@@ -76,14 +76,14 @@ def _build(family: str):
 FAMILIES = {
     "aria": ("AriaExperts", 2, None),
     "gpt_oss": ("GptOssExperts", 2, None),
-    # gate_up_proj[e].float() is cast outside the rows the body computes, so each expert reads a different outside
-    # value: the prover cannot see the E bodies as one computation (never reaches the fp32 grouped_mm fallback).
-    "openai_privacy_filter": ("OpenAIPrivacyFilterExperts", 2, "they read different outside values"),
+    # gate_up_proj[e].float(): each expert's slice cast to fp32, grouped as the whole stack cast once; fp32 GEMMs
+    # take graph_moe's fallback grouped op (torch._grouped_mm compiles in bf16 only).
+    "openai_privacy_filter": ("OpenAIPrivacyFilterExperts", 2, None),
     "inkling2": ("Inkling2Experts", 1, None),
     "inkling2_loop": ("Inkling2LoopExperts", 2, None),
-    # post_expert_norm computes (1.0 + weight).float() once per expert, outside the rows: the same value, but a
-    # different node in each body, which the prover does not identify.
-    "muse_spark": ("MuseSparkExperts", 1, "they read different outside values"),
+    # post_expert_norm computes (1.0 + weight).float() once per expert, outside the rows: a new node in each body,
+    # the same pure computation on the same weight, which the prover takes as one value.
+    "muse_spark": ("MuseSparkExperts", 1, None),
     "nemotron_h": ("NemotronHExperts", 2, None),
 }
 
