@@ -96,7 +96,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             class_name=type(block).__name__,
             form=family.form if family else None,
             num_experts=_first_int(block, ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")),
-            top_k=_first_int(block, ("top_k", "num_experts_per_tok", "moe_top_k")),
+            top_k=_first_int(block, ("top_k", "num_experts_per_tok", "moe_top_k", "moe_topk")),
             status="installed",
         )
         reason = unsupported_reason(block)

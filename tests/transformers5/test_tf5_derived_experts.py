@@ -170,6 +170,7 @@ def test_compiled_rewritten_or_reported_and_equal(family):
     report = graph_moe.install(model)
     assert [(b.class_name, b.status) for b in report.blocks] == [(class_name, "installed")] * layers, str(report)
     assert all(b.weights == "3D, stacked by the model" for b in report.blocks), str(report)
+    assert all(isinstance(b.num_experts, int) and isinstance(b.top_k, int) for b in report.blocks), str(report)
     # The MoE blocks (router + experts) compiled on their own: the rest of the model runs eagerly, which keeps
     # tracing to the loops (graph_moe.compile's decoder-layer regions are tested with the standard loops).
     recorder = Recorder()  # aot_eager inside
