@@ -32,7 +32,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
-from .ops import ZERO_FACTORIES, cast_signature, example_value, is_getitem, op_name, slice_source
+from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_getitem, is_inplace,
+                  op_name, slice_source)
 from .prove_bodies import ProvenLoop, Unprovable
 
 
@@ -92,7 +93,10 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
         if (isinstance(val, torch.Tensor) and isinstance(one, torch.Tensor) and val.dim() == one.dim() + 1
                 and statically_known_true(val.shape[0] == len(tensors))):
             # stack[e].float() for every e: the whole stack cast once (a copy: recomputed in the backward)
-            return base if cast is None else _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
+            if cast is not None:
+                return _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
+            _recompute_producers(base)
+            return base
     return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
 
 
@@ -106,6 +110,39 @@ def _recompute_in_backward(node: fx.Node) -> fx.Node:
     traced from this one, and its partitioners honour it, as for activation checkpointing."""
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
     return node
+
+
+_NOT_PURE = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty")
+
+
+def _recompute_producers(stack: fx.Node, limit: int = 12) -> None:
+    """A stack the graph computes from parameters with pure ops (the 4-bit layout's one `dequantize_4bit` per
+    projection and its views): tagged to be recomputed in the backward, like `_recompute_in_backward`'s copies,
+    instead of saving a dequantized bf16 copy of every layer's experts. Left alone if anything on the way is
+    not plainly pure, or the way is long."""
+    todo, chain = [stack], []
+    while todo:
+        node = todo.pop()
+        if node.op in ("placeholder", "get_attr") or node in chain:
+            continue
+        name = op_name(node)
+        known = name in LAYOUT | CASTS | ELEMENTWISE or (node.op == "call_function" and "out" not in node.kwargs
+                                                        and _pure_op(node.target))
+        if (node.op not in ("call_function", "call_method") or not known or is_inplace(node)
+                or any(w in name.lower() for w in _NOT_PURE) or len(chain) >= limit):
+            return
+        chain.append(node)
+        todo.extend(node.all_input_nodes)
+    for node in chain:
+        _recompute_in_backward(node)
+
+
+def _pure_op(target) -> bool:
+    """A registered operator that writes none of its arguments: an overload, or a packet called without out=
+    (its default overload)."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = getattr(target, "default", None)
+    return isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
 
 
 def _is_recomputed(node) -> bool:

@@ -109,3 +109,19 @@ def test_qlora_training_steps_track_eager(saved_model):
     graph_moe.compile(model, inner="aot_eager")
     assert_training_tracks_eager(model, reference, tolerance=3e-2)
     assert counters["graph_moe"]["loops_skipped"] == 0
+
+
+def test_dequantized_experts_are_not_saved_for_backward(saved_model):
+    """The one dequantize per projection runs again in the backward: saving its bf16 result would keep a full
+    precision copy of every layer's experts from forward to backward, what 4-bit weights are there to avoid."""
+    model = _qlora(saved_model)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(0, 64, (2, 7))
+    _loss_and_lora_grads(model, ids)  # compiles
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        loss, grads = _loss_and_lora_grads(model, ids)
+    stacks = {((4, 96, 32), torch.bfloat16), ((4, 32, 48), torch.bfloat16), ((4, 32, 96), torch.bfloat16),
+              ((4, 48, 32), torch.bfloat16)}  # gate_up (E, 2I, H), down (E, H, I), and their transposes
+    assert saved and not stacks & set(saved), sorted(map(str, stacks & set(saved)))
+    assert counters["graph_moe"]["loops_skipped"] == 0 and all(g.abs().sum() > 0 for g in grads.values())
