@@ -44,3 +44,19 @@ def test_compile_scopes_the_capture_settings():
         assert counters["graph_moe"]["loops_rewritten"] == 1
         assert not torch._dynamo.config.capture_dynamic_output_shape_ops
         assert not torch._dynamo.config.capture_scalar_outputs
+
+
+def test_eight_sequence_lengths_compile_twice_and_stay_rewritten():
+    """Regional compilation over 8 lengths: one static graph, one dynamic recompile, then none (the decoder layers
+    share one code object), every graph rewritten; training steps (forward and backward) as in fine-tuning."""
+    from helpers import Keep
+
+    model = build("qwen3_moe", layers=2)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    for length in (5, 9, 12, 16, 7, 21, 3, 30):
+        ids = torch.randint(0, 64, (2, length))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert len(keep.graphs) == 2, [g.graph for g in keep.graphs]
+    assert counters["graph_moe"]["loops_rewritten"] == counters["graph_moe"]["loops_found"] == 2
+    assert keep.count("index_add_") == 0
