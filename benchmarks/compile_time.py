@@ -34,11 +34,16 @@ def build(args, dense: bool):
     config = make_config("qwen3_moe", layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                          intermediate=args.intermediate, vocab=args.vocab, **extra)
     torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config).to(args.device, torch.bfloat16)
+    with torch.device(args.device):  # random init on the device: 24 layers of 128 experts take minutes on a CPU
+        model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    if args.frozen_mlp:  # as under LoRA: no weight gradients for the MLPs (and no second copy of them in memory)
+        for layer in model.model.layers:
+            layer.mlp.requires_grad_(False)
+    return model
 
 
-def first_step_seconds(model, args) -> float:
-    ids = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
+def first_step_seconds(model, args, tokens=None) -> float:
+    ids = torch.randint(0, args.vocab, (1, tokens or args.tokens), device=args.device)
     start = time.perf_counter()
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     if args.device == "cuda":
@@ -62,8 +67,15 @@ def run(variant: str, args) -> dict:
     with graph_moe.capture_settings():
         first = first_step_seconds(model, args)
         second = first_step_seconds(model, args)  # the same shapes: no compile, the step itself
-    return {"variant": variant, "first_step_s": first, "second_step_s": second, "compile_s": first - second,
-            **graph_moe.counter_snapshot()}
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        lengths = [args.tokens + 8 * (i + 1) + i for i in range(args.lengths)]
+        length_steps = [first_step_seconds(model, args, n) for n in lengths]
+    result = {"variant": variant, "first_step_s": first, "second_step_s": second, "compile_s": first - second,
+              **graph_moe.counter_snapshot()}
+    if lengths:  # one more compile (dynamic shapes) on the first new length, then none
+        result.update(lengths=lengths, length_steps_s=length_steps,
+                      graphs_compiled_over_lengths=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs)
+    return result
 
 
 def main(argv=None) -> int:
@@ -77,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--frozen-mlp", action="store_true", help="no weight gradients for the MLPs (LoRA-like)")
+    p.add_argument("--lengths", type=int, default=0, help="then N more steps at new sequence lengths (recompiles)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 
 import graph_moe
+from graph_moe.stacked_adapters import split_stacked
 from graph_moe.model_zoo import build_model
 
 LORA_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # the expert projections (Qwen3-MoE has no dense MLP here)
@@ -117,14 +118,15 @@ def global_batch(args, step, world, device):
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
-    """Every LoRA gradient, whole (FSDP2 keeps sharded DTensor gradients: gathered here, a collective)."""
+    """Every LoRA gradient, whole (FSDP2 keeps sharded DTensor gradients: gathered here, a collective), under PEFT's
+    per-expert names (graph_moe.install stacks each projection's expert adapters into one parameter)."""
     grads = {}
     for name, p in model.named_parameters():
         if "lora_" not in name:
             continue
         grad = p.grad if p.grad is not None else torch.zeros_like(p)  # eager skips experts no token reached
         grads[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-    return grads
+    return split_stacked(grads)
 
 
 def eager_step(reference, ids):

@@ -132,13 +132,13 @@ def with_nf4(block):
     return nf4
 
 
-def graph_moe_block(block, mode=None, layout=True):
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True):
     import copy
 
     import graph_moe
 
     ours = copy.deepcopy(block)
-    report = graph_moe.install(ours, layout=layout)
+    report = graph_moe.install(ours, layout=layout, stack_lora=stack_lora)
     log.info("graph_moe.install: %s", "; ".join(sorted({b.weights for b in report.blocks})))
     compiled = torch.compile(ours, backend=graph_moe.make_backend("inductor", mode=mode))
 
@@ -148,11 +148,33 @@ def graph_moe_block(block, mode=None, layout=True):
         with graph_moe.capture_settings():
             return compiled(hidden)[0]
 
+    forward.module = ours
     return forward
 
 
-def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None) -> list[dict]:
+def unsloth_block(block):
+    """A copy of `block` with unsloth-zoo's grouped forward (`enable_grouped_moe`, eager), the peer for 4.x blocks.
+    Needs unsloth installed (the GPU machine: ../shared/gpu/fetch-wheels tf4 bnb unsloth)."""
+    import copy
+
+    import unsloth  # noqa: F401  (unsloth-zoo's patches expect unsloth imported)
+    from unsloth_zoo.temporary_patches.moe_grouped_modulelist import enable_grouped_moe
+
+    peer = copy.deepcopy(block)
+    if not enable_grouped_moe(peer, verbose=False):
+        raise RuntimeError("unsloth-zoo's enable_grouped_moe took no block")
+
+    def forward(hidden):
+        return peer(hidden)[0]
+
+    forward.module = peer
+    return forward
+
+
+def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None,
+        unsloth=False, only=None) -> list[dict]:
     from torch._dynamo.utils import counters
+    from tqdm import tqdm
 
     # Every variant compiles the same traceable forward, twice (with and without input grad): more than the default 8.
     torch._dynamo.config.recompile_limit = 64
@@ -171,17 +193,27 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
             variants["hf_loop"] = lambda x: block(x)[0]
+        if unsloth:
+            variants["unsloth"] = _try(unsloth_block, block)
         lora_block = qlora_block = None
         if lora:
             lora_block = with_lora(block)
             variants["graph_moe_lora"] = graph_moe_block(lora_block, mode)
+            if stacked:  # the adapters as PEFT made them: 2 x 3 x E parameters (graph_moe/stacked_adapters.py)
+                variants["graph_moe_per_expert_lora"] = graph_moe_block(lora_block, mode, stack_lora=False)
             if with_loop:
                 variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
         if qlora:
             qlora_block = with_lora(with_nf4(block))
             variants["graph_moe_qlora"] = graph_moe_block(qlora_block, mode)
+            if stacked:
+                variants["graph_moe_per_expert_qlora"] = graph_moe_block(qlora_block, mode, stack_lora=False)
             if with_loop:
                 variants["hf_loop_qlora"] = lambda x: qlora_block(x)[0]
+            if unsloth:
+                variants["unsloth_qlora"] = _try(unsloth_block, qlora_block)
+        variants = {k: v for k, v in variants.items() if v is not None and (not only or k in only)}
+        progress = tqdm(total=len(token_counts) * len(variants), desc=name, unit="variant")
         for tokens in token_counts:
             x = torch.randn(1, tokens, shape[2], device="cuda", dtype=torch.bfloat16)
             refs = {"": block(x)[0]}
@@ -203,8 +235,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 xg = x.clone().requires_grad_()
                 grad = torch.randn_like(x)
 
-                adapters = [m for m in (lora_block, qlora_block) if m is not None]
-                trainable = [q for m in adapters for q in m.parameters() if q.requires_grad]
+                modules = [m for m in (lora_block, qlora_block, getattr(fn, "module", None)) if m is not None]
+                trainable = [q for m in modules for q in m.parameters() if q.requires_grad]
 
                 def fwd_bwd():
                     xg.grad = None
@@ -219,8 +251,19 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                     row[f"{vname}_loops_rewritten"] = int(counters["graph_moe"]["loops_rewritten"])
                 log.info("%s %d tokens %s: fwd %.3f ms, fwd+bwd %.3f ms", name, tokens, vname,
                          row[f"{vname}_fwd_ms"], row[f"{vname}_fwd_bwd_ms"])
+                progress.update()
             results.append(row)
+        progress.close()
     return [{"card": torch.cuda.get_device_name(), "torch": torch.__version__, **ceilings}] + results
+
+
+def _try(make, block):
+    """A peer variant, or None (logged) where it cannot run here."""
+    try:
+        return make(block)
+    except Exception as e:  # an optional peer: the rest of the benchmark goes on
+        log.warning("skipping %s: %s: %s", make.__name__, type(e).__name__, e)
+        return None
 
 
 def table(results) -> str:
@@ -248,6 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
     p.add_argument("--lora", action="store_true", help="also LoRA r=16 on every expert projection (PEFT)")
     p.add_argument("--qlora", action="store_true", help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT)")
+    p.add_argument("--unsloth", action="store_true", help="also unsloth-zoo's grouped forward (needs unsloth)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
@@ -255,7 +300,8 @@ def main(argv=None) -> int:
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
-                  qlora=args.qlora, mode=args.mode)
+                  qlora=args.qlora, mode=args.mode, unsloth=args.unsloth,
+                  only=args.only)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}

@@ -17,6 +17,7 @@ from torch import nn
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import lay_out, remove_layout, usable_layout
+from graph_moe.stacked_adapters import stack_adapters, unstack_adapters
 
 log = logging.getLogger("graph_moe")
 
@@ -78,12 +79,15 @@ def _forward_replaced(block: nn.Module) -> bool:
 
 
 def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
-            layout: bool = True) -> InstallReport:
+            layout: bool = True, stack_lora: bool = True) -> InstallReport:
     """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
 
     Idempotent, and safe after PEFT wrapping: blocks are found wherever they sit in `model.named_modules()`.
     layout: lay frozen plain experts out once for grouped GEMMs (graph_moe/layout.py), so the compiled
         graph reads their weights without a per-forward copy.
+    stack_lora: stack the PEFT LoRA adapters of each expert projection into one parameter per adapter
+        (graph_moe/stacked_adapters.py): `model.parameters()` then yields the stacks, so create the optimizer
+        after install. Install again after adding adapters to stack them too.
     """
     report = InstallReport()
     wrapped_by = {m.base_layer: m for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
@@ -114,6 +118,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             entry.weights = _lay_out(block, family.projections) if layout else "per expert: layout=False"
             if family.wrappers is not None:
                 entry.weights = family.wrappers(block, _wrappers(block, wrapped_by))
+            if stack_lora and family.projections is not None and (stacked := stack_adapters(block, family.projections)):
+                entry.weights += f"; LoRA stacked ({stacked} projection x adapter)"
+                log.info("graph_moe: %s: LoRA adapters of the experts stacked into one parameter per projection and "
+                         "adapter; create the optimizer after install", path)
         report.blocks.append(entry)
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
@@ -149,6 +157,7 @@ def uninstall(model: nn.Module) -> int:
         if _is_ours(block):
             del block.forward
             remove_layout(block)
+            unstack_adapters(block)
             restored += 1
         elif getattr(block.__dict__.get("forward"), "__func__", None) in WRAPPER_FORWARDS:
             del block.forward  # a PEFT wrapper bound to an installed block's forward

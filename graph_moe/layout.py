@@ -65,6 +65,8 @@ class ExpertLayout:
     linears: list[tuple[nn.Linear, nn.Linear, nn.Linear]]  # (gate, up, down) of each expert, as laid out
     names: tuple[str, str, str]
     act_fn: Callable
+    four_bit: bool = False
+    adapters: nn.ModuleDict | None = None  # the block's stacked LoRA adapters (stacked_adapters.py), if any
     valid: bool = True
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,27 +79,35 @@ class ExpertLayout:
         """Expert e's MLP, down(act(gate(x)) * up(x)): gate and up in one matmul on the layout, plus the
         LoRA adapters of PEFT-wrapped projections. Linear4bit computes in its compute dtype: cast as it does."""
         gate_up, down = stacks
-        gate_mod, up_mod, down_mod = (getattr(expert, n) for n in self.names)
+        gate_name, up_name, down_name = self.names
         gate, up = F.linear(x.to(gate_up.dtype), gate_up[e]).to(x.dtype).chunk(2, dim=-1)
-        hidden = self.act_fn(_plus_lora(gate_mod, x, gate)) * _plus_lora(up_mod, x, up)
-        return _plus_lora(down_mod, hidden, F.linear(hidden.to(down.dtype), down[e]).to(hidden.dtype))
+        hidden = self.act_fn(self._plus_lora(expert, gate_name, e, x, gate)) * self._plus_lora(expert, up_name, e, x, up)
+        down_out = F.linear(hidden.to(down.dtype), down[e]).to(hidden.dtype)
+        return self._plus_lora(expert, down_name, e, hidden, down_out)
 
-
-def _plus_lora(module: nn.Module, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """What PEFT's lora.Linear.forward adds after its base layer (vanilla LoRA, unmerged)."""
-    if not hasattr(module, "lora_A"):
-        return result
-    dtype = result.dtype
-    # PEFT's 4-bit LoRA casts each adapter's output to the result dtype before adding it (outside autocast).
-    cast_each = _is_4bit(module.base_layer) and not torch.is_autocast_enabled()
-    for name in module.active_adapters:
-        if name not in module.lora_A.keys():
-            continue
-        lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-        x = module._cast_input_dtype(x, lora_a.weight.dtype)
-        output = lora_b(lora_a(module.lora_dropout[name](x))) * module.scaling[name]
-        result = result + (output.to(dtype) if cast_each else output)
-    return result.to(dtype)
+    def _plus_lora(self, expert: nn.Module, projection: str, e: int, x: torch.Tensor, result: torch.Tensor):
+        """What PEFT's lora.Linear.forward adds after its base layer (vanilla LoRA, unmerged). Adapters stacked by
+        graph_moe (stacked_adapters.py) are read as row e of their stacks. PEFT's state is read from its fields,
+        not its properties: traced by Dynamo, every read is a guard, and there are 3 x E modules."""
+        module = expert._modules[projection]
+        if "lora_A" not in module._modules:
+            return result
+        dtype = result.dtype
+        # PEFT's 4-bit LoRA casts each adapter's output to the result dtype before adding it (outside autocast).
+        cast_each = self.four_bit and not torch.is_autocast_enabled()
+        stacked = self.adapters[projection] if self.adapters is not None and projection in self.adapters else {}
+        active = module.__dict__["_active_adapter"]
+        for name in [active] if isinstance(active, str) else active:
+            if name in stacked:
+                a, b = stacked[name].lora_A[e], stacked[name].lora_B[e]
+            elif name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            else:
+                continue
+            h = x.to(a.dtype) if module.__dict__.get("cast_input_dtype_enabled", True) else x
+            output = F.linear(F.linear(module.lora_dropout[name](h), a), b) * module.scaling[name]
+            result = result + (output.to(dtype) if cast_each else output)
+        return result.to(dtype)
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -110,11 +120,16 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if hasattr(module, "lora_A") and hasattr(module, "base_layer") else module
 
 
-def _plain_lora(module: nn.Module, lin: nn.Module) -> bool:
-    """A PEFT lora.Linear around `lin` whose forward is base + vanilla LoRA (what `_plus_lora` computes)."""
-    return (getattr(module, "base_layer", None) is lin and hasattr(module, "lora_A") and not module.disable_adapters
-            and not module.merged and not module.lora_variant and not module.fan_in_fan_out)
+def _plain_lora(module: nn.Module) -> bool:
+    """A PEFT lora.Linear (around its `base_layer`) whose forward is base + vanilla LoRA (what
+    `ExpertLayout._plus_lora` computes). Reads PEFT's fields rather than its properties (fewer Dynamo guards)."""
+    fields = module.__dict__
+    return ("base_layer" in module._modules and "lora_A" in module._modules
+            and not fields.get("_disable_adapters", True) and not fields.get("merged_adapters", True)
+            and not fields.get("lora_variant", True) and not fields.get("fan_in_fan_out", True))
 
+
+_SLOT = "_graph_moe_slot"  # on each laid-out Linear: 3 * expert + projection (gate, up, down)
 
 # Laid-out Linear -> its layout, to invalidate the layout when a parameter is re-registered on it.
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -140,7 +155,7 @@ def _why_not(block: nn.Module, names) -> str | None:
         for name in names:
             module = getattr(expert, name, None)
             lin = _base(module)
-            if module is not lin and not _plain_lora(module, lin):
+            if module is not lin and not _plain_lora(module):
                 return f"experts[{e}].{name} is a LoRA layer in a state graph_moe does not lay out (merged, DoRA, ...)"
             if type(lin) is not nn.Linear and not _is_4bit(lin):
                 return f"experts[{e}].{name} is a {type(lin).__name__}, not a plain nn.Linear or bitsandbytes Linear4bit"
@@ -230,10 +245,12 @@ def _stack_plain(linears) -> tuple[torch.Tensor, torch.Tensor]:
 def _build(block: nn.Module, names) -> ExpertLayout:
     linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
     gate_up, down = (_stack_4bit if _is_4bit(linears[0][0]) else _stack_plain)(linears)
-    layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn)
-    for lins in linears:
-        for lin in lins:
+    layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn, _is_4bit(linears[0][0]),
+                          block._modules.get("graph_moe_adapters"))
+    for e, lins in enumerate(linears):
+        for i, lin in enumerate(lins):
             _OWNERS[lin] = layout
+            lin.__dict__[_SLOT] = 3 * e + i
     return layout
 
 
@@ -266,9 +283,15 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
     layout = getattr(block, _ATTR, None)
     if layout is None or not layout.valid:
         return None
-    for expert, lins in zip(block.experts, layout.linears):
-        for name, lin in zip(layout.names, lins):
-            module = getattr(expert, name)
-            if lin.weight.requires_grad or (module is not lin and not _plain_lora(module, lin)):
+    for e, expert in enumerate(block.experts):
+        for i, name in enumerate(layout.names):
+            module = expert._modules[name]
+            lin = module._modules.get("base_layer", module) if "lora_A" in module._modules else module
+            # The slot mark rather than `lin is layout.linears[e][i]`: Dynamo guards an `is` between two objects
+            # with a Python lambda, an integer with a C++ check (3 x E of them on every call), and the same
+            # integers in every layer keep one compiled graph for all decoder layers.
+            if lin.__dict__.get(_SLOT) != 3 * e + i or lin._parameters["weight"].requires_grad:
+                return None
+            if module is not lin and not _plain_lora(module):
                 return None
     return layout

@@ -61,7 +61,7 @@ def test_lora_training_matches_single_process_eager(parallel):
         if parallel == "fsdp2":  # sharded experts get no layout: the pass stacks the all-gathered weights
             assert len(weights) == 1 and "sharded experts" in weights[0], weights
         else:
-            assert weights == ["grouped layout"], weights
+            assert weights == ["grouped layout; LoRA stacked (3 projection x adapter)"], weights
         counters = ast.literal_eval(re.search(rf"\[rank {rank}\] graph_moe counters: (\{{[^}}]*\}})", out).group(1))
         assert counters["loops_rewritten"] == counters["loops_found"] >= 1 and counters["loops_skipped"] == 0, counters
     assert re.search(r"step 1: loss \d", out), out

@@ -216,7 +216,7 @@ def test_lora_on_every_expert_stays_grouped():
     model = get_peft_model(build("glm4_moe"), config, autocast_adapter_dtype=False)
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
-    assert [b.weights for b in model._graph_moe_install_report.blocks] == ["grouped layout"] * 2
+    assert [b.weights for b in model._graph_moe_install_report.blocks] == ["grouped layout; LoRA stacked (3 projection x adapter)"] * 2
     ids = torch.randint(0, VOCAB, (2, 7))
     ref_logits, ref_grads = loss_and_grads(reference, ids)
     logits, grads_ = loss_and_grads(model, ids)

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 
 import graph_moe
+from graph_moe.stacked_adapters import split_stacked
 from helpers import assert_training_tracks_eager, assert_close_bf16
 from tiny_models import build
 
@@ -25,7 +26,7 @@ def _loss_and_lora_grads(model, ids):
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return loss.detach(), split_stacked({n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n})
 
 
 @pytest.mark.parametrize("adapter_fp32", [True, False], ids=["fp32-adapters", "bf16-adapters"])
@@ -33,7 +34,8 @@ def test_lora_on_every_expert_matches_eager(adapter_fp32):
     model = _lora_model(adapter_fp32)
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
-    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}  # base weights
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {
+        "grouped layout; LoRA stacked (3 projection x adapter)"}  # base weights laid out, adapters stacked
     ids = torch.randint(0, 64, (2, 6))
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
@@ -103,3 +105,83 @@ def test_adapters_loaded_after_install_and_the_active_one(tmp_path):
         losses[name] = ref.item()
     assert losses["first"] != losses["second"]  # the adapters differ: the active one is what counts
     assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
+
+
+def test_stacked_adapters_are_read_without_a_copy_and_trained_as_one_parameter():
+    """Each projection's adapters are one (E, r, in) and one (E, out, r) parameter: the graph takes them as they are
+    (no stack op, a handful of inputs instead of one per expert), and each gets one gradient."""
+    from helpers import Keep
+
+    model = _lora_model(adapter_fp32=False)
+    reference = copy.deepcopy(model)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    stacks = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(stacks) == 2 * 3 * 2 and all(".graph_moe_adapters." in n for n in stacks), stacks
+    ids = torch.randint(0, 64, (2, 6))
+    loss, grads = _loss_and_lora_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
+    assert_close_bf16(loss, ref_loss, "loss")
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert keep.count("stack") == 0 and keep.count("index_add_") == 0
+    inputs = [n for g in keep.graphs for n in g.graph.nodes if n.op == "placeholder"]
+    assert len(inputs) < 4 * 3 * 2 + 20, len(inputs)  # one expert's adapters alone would be 2 x 3 x 4
+
+
+def test_stacked_adapters_keep_peft_state_dict_and_files(tmp_path):
+    """state_dict keys and values, save_pretrained files and load_state_dict stay PEFT's, per expert; uninstall
+    hands each expert its own parameters back."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = _lora_model(adapter_fp32=False)
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    expected = reference.state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(state[key], expected[key], rtol=0, atol=0, msg=key)
+    assert get_peft_model_state_dict(model).keys() == get_peft_model_state_dict(reference).keys()
+
+    # An update to the stacks shows in the saved files, and loads back into a stacked model and a plain one.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".graph_moe_adapters." in n:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert len(saved) == 2 * 3 * 4 * 2
+    fresh = PeftModel.from_pretrained(build("qwen3_moe"), tmp_path / "saved", autocast_adapter_dtype=False)
+    stacked_fresh = copy.deepcopy(_lora_model(adapter_fp32=False))
+    graph_moe.install(stacked_fresh)
+    stacked_fresh.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False).logits
+        for other in (fresh, stacked_fresh):
+            torch.testing.assert_close(other(input_ids=ids, use_cache=False).logits, out, rtol=0, atol=0)
+    assert graph_moe.uninstall(model) == 2
+    assert not any(".graph_moe_adapters." in n for n, _ in model.named_parameters())
+    assert sum(p.requires_grad for p in model.parameters()) == 2 * 3 * 4 * 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, out, rtol=0, atol=0)
+
+
+def test_stacked_adapters_in_eager_and_merged():
+    """Installed, not compiled: eager PEFT code reads each expert's row of the stack (gradients reach the stacks);
+    merging adds the stacked adapters into the base weights as PEFT does."""
+    model = _lora_model(adapter_fp32=False)
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    ids = torch.randint(0, 64, (2, 6))
+    loss, grads = _loss_and_lora_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
+    assert_close_bf16(loss, ref_loss, "loss")
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+    model.merge_adapter(), reference.merge_adapter()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch._dynamo.utils import counters
 
 import graph_moe
+from graph_moe.stacked_adapters import split_stacked
 from graph_moe.model_zoo import build_model
 from helpers import assert_training_tracks_eager, Keep, assert_close_bf16
 
@@ -48,7 +49,7 @@ def _loss_and_lora_grads(model, ids):
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return loss.detach(), split_stacked({n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n})
 
 
 def _dequantize_calls(keep):
@@ -91,7 +92,8 @@ def test_qlora_loss_and_lora_grads_equal_eager(saved_model, gradient_checkpointi
     model.train(), reference.train()
     keep = Keep()
     graph_moe.compile(model, inner=keep)
-    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}
+    weights = {b.weights for b in model._graph_moe_install_report.blocks}
+    assert weights == {"grouped layout; LoRA stacked (3 projection x adapter)"}
     ids = torch.randint(0, 64, (2, 7))
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)

@@ -53,7 +53,7 @@ def test_apply_again_after_lora_keeps_the_grouped_path():
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     reference = copy.deepcopy(model)
     _apply(model)
-    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout; LoRA stacked (3 projection x adapter)"}
     ids = torch.randint(0, 64, (2, 7))
     _, grads = loss_and_grads(model, ids)
     _, ref_grads = loss_and_grads(reference, ids)
