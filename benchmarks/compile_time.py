@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     for variant in args.variants:
         results.append(run(variant, args))
         print(json.dumps(results[-1]), flush=True)
-    header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-              **{k: v for k, v in vars(args).items() if k not in ("json", "variants")}}
+    header = {**{k: v for k, v in vars(args).items() if k not in ("json", "variants")}, "torch": torch.__version__,
+              "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     if args.json:
         with open(args.json, "w") as f:
             json.dump([header] + results, f, indent=1)
