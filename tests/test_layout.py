@@ -96,6 +96,33 @@ def test_weight_changes_after_compile_are_seen():
     assert _blocks(model)[0]._graph_moe_layout.valid is True
 
 
+def test_replaced_or_swapped_expert_modules_are_seen():
+    """A Linear put in an expert after compile (a new one, or another expert's) is not the laid-out one there: the
+    block falls back to its modules, with the right numbers."""
+    block = _blocks(_frozen())[0]
+    reference = copy.deepcopy(block)
+    graph_moe.install(block)
+    compiled = torch.compile(block, backend=Recorder().backend)
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+
+    def run():
+        with torch.no_grad(), graph_moe.capture_settings():
+            return compiled(x)[0]
+
+    run()
+    torch.manual_seed(1)
+    fresh = nn.Linear(32, 32, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    for change in (lambda b: setattr(b.experts[3], "gate_proj", copy.deepcopy(fresh)),
+                   lambda b: setattr(b.experts[0], "up_proj", b.experts[2].up_proj)):
+        with torch.no_grad():
+            before = reference(x)[0]
+            change(block), change(reference)
+            after = reference(x)[0]
+        scale = after.abs().max()
+        assert (after - before).abs().max() > 0.1 * scale  # the change matters: a stale expert would show
+        assert (run() - after).abs().max() < 0.02 * scale
+
+
 def test_dtype_round_trip_lays_out_again():
     model = _frozen()
     graph_moe.install(model)
