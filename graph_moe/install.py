@@ -17,7 +17,7 @@ from torch import nn
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import lay_out, remove_layout, usable_layout
-from graph_moe.stacked_adapters import stack_adapters, unstack_adapters
+from graph_moe.stacked_adapters import OWNER, stack_adapters, unstack_adapters
 
 log = logging.getLogger("graph_moe")
 
@@ -90,6 +90,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         after install. Install again after adding adapters to stack them too.
     """
     report = InstallReport()
+    newly_stacked = 0
     wrapped_by = {m.base_layer: m for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
     for path, block in model.named_modules():
         if not is_moe_candidate(block) or (filter_fn is not None and not filter_fn(path, block)):
@@ -118,11 +119,17 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             entry.weights = _lay_out(block, family.projections) if layout else "per expert: layout=False"
             if family.wrappers is not None:
                 entry.weights = family.wrappers(block, _wrappers(block, wrapped_by))
-            if stack_lora and family.projections is not None and (stacked := stack_adapters(block, family.projections)):
-                entry.weights += f"; LoRA stacked ({stacked} projection x adapter)"
-                log.info("graph_moe: %s: LoRA adapters of the experts stacked into one parameter per projection and "
-                         "adapter; create the optimizer after install", path)
+            if stack_lora and family.projections is not None:
+                stacked_before = len(block._modules.get(OWNER, ()))
+                if stacked := stack_adapters(block, family.projections):
+                    entry.weights += f"; LoRA stacked ({stacked} projection x adapter)"
+                    newly_stacked += stacked > stacked_before
         report.blocks.append(entry)
+    if newly_stacked:
+        # An optimizer made before holds the per-expert adapter parameters, which no longer get gradients.
+        log.warning("graph_moe: the LoRA adapters of the experts in %d block(s) are now one parameter per projection "
+                    "and adapter (graph_moe/stacked_adapters.py): create the optimizer after graph_moe.install",
+                    newly_stacked)
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
         report.num_installed,
