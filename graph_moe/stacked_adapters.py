@@ -68,6 +68,7 @@ def _stackable(module: nn.Module, ref: nn.Module) -> bool:
 def stack_adapters(block: nn.Module, projections: tuple[str, ...]) -> int:
     """Stack the LoRA adapters of `block`'s experts (see the module docstring); returns how many (projection,
     adapter) pairs are stacked now, earlier ones included."""
+    prune_dead_stacks(block)
     owner = block._modules.get(OWNER)
     for projection in projections:
         for adapter, pairs in _candidates(block, projection).items():
@@ -115,6 +116,23 @@ def unstack_adapters(block: nn.Module) -> None:
             module.weight = nn.Parameter(weight, requires_grad=requires_grad)
 
 
+def _live(block: nn.Module, projection: str, adapter: str) -> bool:
+    """The stack still feeds expert 0's PEFT Linear (PEFT's merge_and_unload/delete_adapter drop the wrappers or
+    adapters, leaving the stack behind)."""
+    wrapper = block.experts[0]._modules.get(projection)
+    lora_a = getattr(wrapper, "lora_A", None)
+    slice_ = lora_a._modules.get(adapter) if isinstance(lora_a, nn.ModuleDict) else None
+    return type(slice_) is ExpertAdapterSlice and slice_._graph_moe_stack is block._modules[OWNER][projection][adapter]
+
+
+def prune_dead_stacks(block: nn.Module) -> None:
+    """Drop the stacks no expert reads any more."""
+    owner = block._modules.get(OWNER)
+    for projection, adapters in list(owner.items()) if owner is not None else ():
+        for adapter in [a for a in adapters if not _live(block, projection, a)]:
+            del adapters[adapter]
+
+
 def _per_expert_key(prefix: str, projection: str, adapter: str, role: str, e: int) -> str:
     return f"{prefix}experts.{e}.{projection}.{role}.{adapter}.weight"
 
@@ -125,7 +143,7 @@ def _split_stacks(block, state_dict, prefix, local_metadata):
         for adapter in adapters:
             for role in ROLES:
                 value = state_dict.pop(f"{prefix}{OWNER}.{projection}.{adapter}.{role}", None)
-                if value is None:
+                if value is None or not _live(block, projection, adapter):
                     continue
                 value = value.full_tensor() if isinstance(value, DTensor) else value
                 for e, row in enumerate(value.detach().unbind()):

@@ -185,3 +185,18 @@ def test_stacked_adapters_in_eager_and_merged():
     model.merge_adapter(), reference.merge_adapter()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_merge_and_unload_of_stacked_adapters():
+    """PEFT's merge_and_unload on an installed model: the merged weights and the saved keys are PEFT's (the stacks
+    left behind write nothing), and the next install drops them."""
+    model = _lora_model(adapter_fp32=False)
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    merged, ref_merged = model.merge_and_unload(), reference.merge_and_unload()
+    state, ref_state = merged.state_dict(), ref_merged.state_dict()
+    assert state.keys() == ref_state.keys()
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=0, msg=key)
+    graph_moe.install(merged)
+    assert not any(".graph_moe_adapters." in n for n, _ in merged.named_parameters())
