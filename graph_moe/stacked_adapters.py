@@ -38,6 +38,12 @@ class ExpertAdapterSlice(nn.Linear):
     def weight(self) -> torch.Tensor:
         return getattr(self._graph_moe_stack, self._graph_moe_role)[self._graph_moe_index]
 
+    def parameters(self, recurse: bool = True):
+        """The stack this row belongs to: what PEFT's set_adapter (requires_grad on/off) and device/dtype lookups
+        reach through `lora_A[name].parameters()`. (Model-wide listings walk `_parameters` and see the stack once, on
+        the block.)"""
+        yield getattr(self._graph_moe_stack, self._graph_moe_role)
+
 
 def _candidates(block: nn.Module, projection: str) -> dict[str, list[tuple[nn.Linear, nn.Linear]]]:
     """adapter name -> every expert's (lora_A, lora_B) Linear, for the adapters that can be stacked: on every

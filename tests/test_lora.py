@@ -200,3 +200,18 @@ def test_merge_and_unload_of_stacked_adapters():
         torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=0, msg=key)
     graph_moe.install(merged)
     assert not any(".graph_moe_adapters." in n for n, _ in merged.named_parameters())
+
+
+def test_peft_set_adapter_freezes_and_unfreezes_the_stacks():
+    """PEFT's set_adapter turns requires_grad off (inference_mode) and on again through each expert's lora_A/lora_B
+    Linear: with stacked adapters that must reach the stacks, or the adapters would silently stop training."""
+    from peft.tuners.lora import LoraLayer
+
+    model = _lora_model(adapter_fp32=False)
+    graph_moe.install(model)
+    stacks = [p for n, p in model.named_parameters() if ".graph_moe_adapters." in n]
+    for inference_mode in (True, False):
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.set_adapter("default", inference_mode=inference_mode)
+        assert all(p.requires_grad is not inference_mode for p in stacks)
