@@ -145,7 +145,8 @@ def _per_expert_key(prefix: str, projection: str, adapter: str, role: str, e: in
 
 def _split_stacks(block, state_dict, prefix, local_metadata):
     """state_dict hook: PEFT's per-expert keys in place of the stacks."""
-    for projection, adapters in block._modules[OWNER].items():
+    # (A deep copy's hook handles point at the original's hooks: after uninstall of a copy its hooks may remain.)
+    for projection, adapters in block._modules.get(OWNER, {}).items():
         for adapter in adapters:
             for role in ROLES:
                 value = state_dict.pop(f"{prefix}{OWNER}.{projection}.{adapter}.{role}", None)
@@ -160,7 +161,7 @@ def _split_stacks(block, state_dict, prefix, local_metadata):
 def _join_stacks(block, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """load_state_dict pre-hook: per-expert keys (PEFT files, `state_dict()` above) stacked into the stack's key."""
     num_experts = len(block.experts)
-    for projection, adapters in block._modules[OWNER].items():
+    for projection, adapters in block._modules.get(OWNER, {}).items():
         for adapter in adapters:
             for role in ROLES:
                 keys = [_per_expert_key(prefix, projection, adapter, role, e) for e in range(num_experts)]
