@@ -16,8 +16,8 @@ from torch import nn
 
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
-from graph_moe.layout import lay_out, remove_layout, usable_layout
-from graph_moe.stacked_adapters import OWNER, stack_adapters, unstack_adapters
+from graph_moe.layout import attach_adapters, lay_out, remove_layout, usable_layout
+from graph_moe.stacked_adapters import stack_adapters, stacked_pairs, unstack_adapters
 
 log = logging.getLogger("graph_moe")
 
@@ -120,10 +120,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             if family.wrappers is not None:
                 entry.weights = family.wrappers(block, _wrappers(block, wrapped_by))
             if stack_lora and family.projections is not None:
-                stacked_before = len(block._modules.get(OWNER, ()))
-                if stacked := stack_adapters(block, family.projections):
-                    entry.weights += f"; LoRA stacked ({stacked} projection x adapter)"
-                    newly_stacked += stacked > stacked_before
+                newly_stacked += bool(stack_adapters(block, family.projections))
+                attach_adapters(block)
+            if stacked := stacked_pairs(block):
+                entry.weights += f"; LoRA stacked ({stacked} projection x adapter)"
         report.blocks.append(entry)
     if newly_stacked:
         # An optimizer made before holds the per-expert adapter parameters, which no longer get gradients.

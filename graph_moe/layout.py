@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graph_moe.stacked_adapters import OWNER as ADAPTERS
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed support
@@ -116,8 +118,9 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 def _base(module: nn.Module) -> nn.Module:
-    """The Linear under a PEFT LoRA wrapper, or the module itself."""
-    return module.base_layer if hasattr(module, "lora_A") and hasattr(module, "base_layer") else module
+    """The Linear under a PEFT LoRA wrapper, or the module itself. Reads `_modules`: traced in `usable_layout`,
+    where every attribute lookup is a Dynamo guard."""
+    return module._modules.get("base_layer", module) if "lora_A" in module._modules else module
 
 
 def _plain_lora(module: nn.Module) -> bool:
@@ -154,6 +157,8 @@ def _why_not(block: nn.Module, names) -> str | None:
             return f"expert {e} has hooks"
         for name in names:
             module = getattr(expert, name, None)
+            if not isinstance(module, nn.Module):
+                return f"experts[{e}] has no module {name}"
             lin = _base(module)
             if module is not lin and not _plain_lora(module):
                 return f"experts[{e}].{name} is a LoRA layer in a state graph_moe does not lay out (merged, DoRA, ...)"
@@ -246,7 +251,7 @@ def _build(block: nn.Module, names) -> ExpertLayout:
     linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
     gate_up, down = (_stack_4bit if _is_4bit(linears[0][0]) else _stack_plain)(linears)
     layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn, _is_4bit(linears[0][0]),
-                          block._modules.get("graph_moe_adapters"))
+                          block._modules.get(ADAPTERS))
     for e, lins in enumerate(linears):
         for i, lin in enumerate(lins):
             _OWNERS[lin] = layout
@@ -272,6 +277,13 @@ def lay_out(block: nn.Module, names: tuple[str, str, str]) -> str | None:
     return reason
 
 
+def attach_adapters(block: nn.Module) -> None:
+    """Point the block's layout at its stacked LoRA adapters (after `stack_adapters`)."""
+    layout = block.__dict__.get(_ATTR)
+    if layout is not None:
+        layout.adapters = block._modules.get(ADAPTERS)
+
+
 def remove_layout(block: nn.Module) -> None:
     """Forget the layout; the expert weights stay valid tensors (views keep the stacks alive)."""
     block.__dict__.pop(_ATTR, None)
@@ -286,7 +298,7 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
     for e, expert in enumerate(block.experts):
         for i, name in enumerate(layout.names):
             module = expert._modules[name]
-            lin = module._modules.get("base_layer", module) if "lora_A" in module._modules else module
+            lin = _base(module)
             # The slot mark rather than `lin is layout.linears[e][i]`: Dynamo guards an `is` between two objects
             # with a Python lambda, an integer with a C++ check (3 x E of them on every call), and the same
             # integers in every layer keep one compiled graph for all decoder layers.

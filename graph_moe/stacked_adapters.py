@@ -73,9 +73,10 @@ def _stackable(module: nn.Module, ref: nn.Module) -> bool:
 
 def stack_adapters(block: nn.Module, projections: tuple[str, ...]) -> int:
     """Stack the LoRA adapters of `block`'s experts (see the module docstring); returns how many (projection,
-    adapter) pairs are stacked now, earlier ones included."""
+    adapter) pairs this call stacked."""
     prune_dead_stacks(block)
     owner = block._modules.get(OWNER)
+    newly = 0
     for projection in projections:
         for adapter, pairs in _candidates(block, projection).items():
             if owner is None:
@@ -91,23 +92,23 @@ def stack_adapters(block: nn.Module, projections: tuple[str, ...]) -> int:
                 stack.register_parameter(role, nn.Parameter(torch.stack([w.detach() for w in weights]),
                                                              requires_grad=weights[0].requires_grad))
             owner[projection][adapter] = stack
+            newly += 1
             for e, pair in enumerate(pairs):
                 for role, linear in zip(ROLES, pair):
                     del linear._parameters["weight"]
                     linear.__class__ = ExpertAdapterSlice
                     linear.__dict__.update(_graph_moe_stack=stack, _graph_moe_role=role, _graph_moe_index=e)
-    layout = block.__dict__.get("_graph_moe_layout")
-    if layout is not None:
-        layout.adapters = owner
-    return sum(len(adapters) for adapters in owner.values()) if owner is not None else 0
+    return newly
+
+
+def stacked_pairs(block: nn.Module) -> int:
+    """How many (projection, adapter) pairs of `block` are stacked."""
+    return sum(len(adapters) for adapters in block._modules.get(OWNER, {}).values())
 
 
 def unstack_adapters(block: nn.Module) -> None:
     """Give every expert's adapter Linear its own parameter again (a copy of its row) and drop the stacks."""
     owner = block._modules.pop(OWNER, None)
-    layout = block.__dict__.get("_graph_moe_layout")
-    if layout is not None:
-        layout.adapters = None
     for handle in block.__dict__.pop(_HOOKS, ()):
         handle.remove()
     if owner is None:
