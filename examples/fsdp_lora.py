@@ -9,13 +9,16 @@ single-process eager step (the untouched model, no graph_moe) on every rank and 
 gradient (bf16 tolerance); the script exits non-zero if they differ.
 
 Order and weights:
-- FSDP2: shard first, then `graph_moe.compile` (install + one torch.compile per decoder layer). Installing after
-  sharding sees the expert weights as DTensor shards and lays out nothing for them (install report: "sharded
-  experts"): FSDP2's pre-forward hook swaps in the all-gathered weights, and the pass stacks them into
-  (E, out, in) per forward (one copy of a layer's expert weights, transient, like the all-gather itself).
-  Installing BEFORE sharding would be wrong: the grouped layout would keep a full, unsharded stack of every
-  layer's experts on every rank (FSDP2 replaces the parameters without telling the layout), a stale copy that
-  defeats the sharding and misses later loads into the sharded parameters.
+- FSDP2: `graph_moe.install(model, stack_experts=True)` first, then `fully_shard`, then `graph_moe.compile` (one
+  torch.compile per decoder layer). With stack_experts each MoE block's expert weights are two parameters,
+  gate_up (E, 2I, H) and down (E, H, I), and the adapters one lora_A/lora_B parameter per projection: FSDP2 shards
+  them along the experts and all-gathers, per layer, exactly the (E, out, in) tensors the grouped GEMMs read (6 + 2
+  parameters per layer instead of 3 x E + 6 x E). `--per-expert-weights` shows the other order, shard first and
+  install after: the expert weights are then DTensor shards of each expert's Linear (install report: "sharded
+  experts"), and the pass stacks the all-gathered weights into (E, out, in) in every forward and backward (a copy
+  of the layer's experts each time). Installing WITHOUT stack_experts before sharding would be wrong: the plain
+  grouped layout would keep a full, unsharded stack of every layer's experts on every rank, which FSDP2 does not
+  know about.
 - DDP: `graph_moe.compile` first (the layout is built as on one process: frozen experts are replicated anyway,
   and DDP's initial broadcast writes into the parameters, which are views of the layout), then
   DistributedDataParallel around the model; only the LoRA parameters are in DDP's buckets.
@@ -61,6 +64,9 @@ def parse_args(argv=None):
                         "HF wrote it); none: eager. The last two are the baselines for the step time")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0,
                    help="DDP's gradient bucket size (small values make many buckets: tests use it)")
+    p.add_argument("--per-expert-weights", action="store_true",
+                   help="FSDP2: shard the per-expert weights as transformers made them, then install (the pass then "
+                        "stacks the all-gathered weights per forward); default: stack them first (stack_experts)")
     p.add_argument("--check", action="store_true",
                    help="compare step 0's loss and LoRA gradients with a single-process eager run; exit 1 if not equal")
     return p.parse_args(argv)
@@ -96,10 +102,12 @@ def parallelize(model, args, device):
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(args.device, (dist.get_world_size(),))
+        if args.compile == "graph_moe" and not args.per_expert_weights:
+            graph_moe.install(model, stack_experts=True)  # before sharding: FSDP2 shards the stacks
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        compile_layers(model, args)  # after sharding: see the module docstring
+        compile_layers(model, args)  # after sharding (Dynamo sees FSDP2's hooks and parameters)
         return model, model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -167,7 +175,8 @@ def main(argv=None) -> int:
     module, model = parallelize(model, args, device)
     if args.compile == "graph_moe":
         report = model._graph_moe_install_report
-        print(f"[rank {rank}] installed {report.num_installed}/{len(report.blocks)} MoE blocks; expert weights: "
+        installed = sum(b.status.endswith("installed") for b in report.blocks)  # FSDP2: installed before sharding
+        print(f"[rank {rank}] installed {installed}/{len(report.blocks)} MoE blocks; expert weights: "
               f"{sorted({b.weights for b in report.blocks})}", flush=True)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -79,12 +79,16 @@ def _forward_replaced(block: nn.Module) -> bool:
 
 
 def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
-            layout: bool = True, stack_lora: bool = True) -> InstallReport:
+            layout: bool = True, stack_lora: bool = True, stack_experts: bool = False) -> InstallReport:
     """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
 
     Idempotent, and safe after PEFT wrapping: blocks are found wherever they sit in `model.named_modules()`.
     layout: lay frozen plain experts out once for grouped GEMMs (graph_moe/layout.py), so the compiled
         graph reads their weights without a per-forward copy.
+    stack_experts: make each block's laid-out expert weights two parameters, `gate_up` (E, 2I, H) and `down`
+        (E, H, I), under `<block>.graph_moe_experts` (graph_moe/stacked_experts.py): trained experts then need no
+        per-forward copy either, and FSDP2 (install BEFORE `fully_shard`) shards and all-gathers the stacks as they
+        are. Create the optimizer after install. Blocks stacked before stay stacked on later installs.
     stack_lora: stack the PEFT LoRA adapters of each expert projection into one parameter per adapter
         (graph_moe/stacked_adapters.py): `model.parameters()` then yields the stacks, so create the optimizer
         after install. Install again after adding adapters to stack them too.
@@ -116,7 +120,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             block.forward = types.MethodType(family.forward, block)
             setattr(block, _MARK, family.form)
         if _is_ours(block):
-            entry.weights = _lay_out(block, family.projections) if layout else "per expert: layout=False"
+            entry.weights = (_lay_out(block, family.projections, stack_experts) if layout
+                             else "per expert: layout=False")
             if family.wrappers is not None:
                 entry.weights = family.wrappers(block, _wrappers(block, wrapped_by))
             if stack_lora and family.projections is not None:
@@ -139,13 +144,20 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     return report
 
 
-def _lay_out(block: nn.Module, projections) -> str:
+def _lay_out(block: nn.Module, projections, stacked: bool) -> str:
     if projections is None:
         return "stacked by the model"
-    if usable_layout(block) is not None:
-        return "grouped layout"
-    why = lay_out(block, projections)
-    return "grouped layout" if why is None else f"per expert: {why}"
+    current = usable_layout(block)
+    if current is None or (stacked and current.owner is None and not current.four_bit):
+        why = lay_out(block, projections, stacked)
+        if why is not None:
+            return f"per expert: {why}"
+        current = usable_layout(block)
+        if current is None:
+            return "per expert: the layout's checks fail right after building it"
+    if current.owner is not None:
+        return "grouped layout, stacked parameters"
+    return "grouped layout" + (" (4-bit: stack_experts does not apply)" if stacked and current.four_bit else "")
 
 
 def _wrappers(block: nn.Module, wrapped_by: dict) -> list[nn.Module]:

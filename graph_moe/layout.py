@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graph_moe.stacked_adapters import OWNER as ADAPTERS
+from graph_moe.stacked_experts import is_stacked, stack_experts, unstack_experts
 
 try:
     from torch.distributed.tensor import DTensor
@@ -62,17 +63,20 @@ class Stacked4bit:
 
 @dataclasses.dataclass(eq=False)
 class ExpertLayout:
-    gate_up: torch.Tensor | Stacked4bit  # (E, 2I, H)
-    down: torch.Tensor | Stacked4bit  # (E, H, I)
+    gate_up: torch.Tensor | Stacked4bit | None  # (E, 2I, H); None when `owner` holds it
+    down: torch.Tensor | Stacked4bit | None  # (E, H, I)
     linears: list[tuple[nn.Linear, nn.Linear, nn.Linear]]  # (gate, up, down) of each expert, as laid out
     names: tuple[str, str, str]
     act_fn: Callable
     four_bit: bool = False
     adapters: nn.ModuleDict | None = None  # the block's stacked LoRA adapters (stacked_adapters.py), if any
+    owner: nn.Module | None = None  # the module whose parameters the stacks are (stacked_experts.py), if any
     valid: bool = True
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) as (E, out, in) tensors; read once per forward, before the expert loop."""
+        if self.owner is not None:  # read from the module: FSDP2 swaps in the all-gathered stacks there
+            return self.owner.gate_up, self.owner.down
         if isinstance(self.gate_up, Stacked4bit):
             return self.gate_up.dequantize(), self.down.dequantize()
         return self.gate_up, self.down
@@ -147,7 +151,7 @@ def _on_parameter_registered(module, name, param):
 torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registered)
 
 
-def _why_not(block: nn.Module, names) -> str | None:
+def _why_not(block: nn.Module, names, stacked: bool = False) -> str | None:
     experts = list(block.experts)
     dtypes = set()
     for e, expert in enumerate(experts):
@@ -172,14 +176,16 @@ def _why_not(block: nn.Module, names) -> str | None:
                 continue
             if isinstance(lin.weight, DTensor):
                 # FSDP2 swaps in all-gathered weights for each forward: no stack of its own to lay out.
-                return "sharded experts (DTensor, FSDP2): the pass stacks the all-gathered weights per forward"
-            if lin.weight.requires_grad:
-                return "trainable experts (stacked per forward, so gradients reach every expert weight)"
+                return ("sharded experts (DTensor, FSDP2): the pass stacks the all-gathered weights per forward "
+                        "(install(model, stack_experts=True) before fully_shard avoids that)")
+            if lin.weight.requires_grad and not stacked:
+                return ("trainable experts (stacked per forward, so gradients reach every expert weight; "
+                        "install(model, stack_experts=True) avoids the copy)")
             if lin.bias is not None or lin._forward_hooks or lin._forward_pre_hooks:
                 return f"experts[{e}].{name} has a bias or hooks"
-            dtypes.add((lin.weight.dtype, lin.weight.device))
+            dtypes.add((lin.weight.dtype, lin.weight.device, lin.weight.requires_grad))
     if len(dtypes) > 1:
-        return "expert weights of mixed dtypes or devices"
+        return "expert weights of mixed dtypes, devices or requires_grad"
     return None
 
 
@@ -247,11 +253,15 @@ def _stack_plain(linears) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up, down
 
 
-def _build(block: nn.Module, names) -> ExpertLayout:
+def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
     linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
-    gate_up, down = (_stack_4bit if _is_4bit(linears[0][0]) else _stack_plain)(linears)
-    layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn, _is_4bit(linears[0][0]),
-                          block._modules.get(ADAPTERS))
+    four_bit = _is_4bit(linears[0][0])
+    gate_up, down = (_stack_4bit if four_bit else _stack_plain)(linears)
+    owner = None
+    if stacked and not four_bit:
+        owner, gate_up, down = stack_experts(block, linears, gate_up, down), None, None
+    layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn, four_bit,
+                          block._modules.get(ADAPTERS), owner)
     for e, lins in enumerate(linears):
         for i, lin in enumerate(lins):
             _OWNERS[lin] = layout
@@ -263,16 +273,19 @@ def _apply_then_relayout(self, fn, recurse=True):
     """nn.Module._apply gives every parameter new storage (.to/.cuda/.half); lay the experts out again."""
     type(self)._apply(self, fn, recurse)
     layout = self.__dict__.get(_ATTR)
-    if layout is not None:
+    if layout is not None and layout.owner is None:  # stacked parameters are converted in place, slices read them
         self.__dict__[_ATTR] = _build(self, layout.names)
     return self
 
 
-def lay_out(block: nn.Module, names: tuple[str, str, str]) -> str | None:
-    """Lay out the frozen gated experts of `block`; returns why not, or None when done."""
-    reason = _why_not(block, names)
+def lay_out(block: nn.Module, names: tuple[str, str, str], stacked: bool = False) -> str | None:
+    """Lay out the frozen gated experts of `block` (stacked: frozen or trained, the stacks as the block's parameters,
+    stacked_experts.py); returns why not, or None when done."""
+    if is_stacked(block):
+        unstack_experts(block)
+    reason = _why_not(block, names, stacked)
     if reason is None:
-        block.__dict__[_ATTR] = _build(block, names)
+        block.__dict__[_ATTR] = _build(block, names, stacked)
         block._apply = types.MethodType(_apply_then_relayout, block)
     return reason
 
@@ -286,6 +299,7 @@ def attach_adapters(block: nn.Module) -> None:
 
 def remove_layout(block: nn.Module) -> None:
     """Forget the layout; the expert weights stay valid tensors (views keep the stacks alive)."""
+    unstack_experts(block)
     block.__dict__.pop(_ATTR, None)
     block.__dict__.pop("_apply", None)
 
@@ -302,7 +316,9 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
             # The slot mark rather than `lin is layout.linears[e][i]`: Dynamo guards an `is` between two objects
             # with a Python lambda, an integer with a C++ check (3 x E of them on every call), and the same
             # integers in every layer keep one compiled graph for all decoder layers.
-            if lin.__dict__.get(_SLOT) != 3 * e + i or lin._parameters["weight"].requires_grad:
+            # A stacked layout's slices have no weight parameter (the stacks may train); a plain one's must be frozen.
+            weight = lin._parameters.get("weight")
+            if lin.__dict__.get(_SLOT) != 3 * e + i or (weight is not None and weight.requires_grad):
                 return None
             if module is not lin and not _plain_lora(module):
                 return None

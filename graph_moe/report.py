@@ -121,7 +121,7 @@ def reset_counters() -> None:
 
 def counter_snapshot() -> dict[str, int]:
     c = counters["graph_moe"]
-    return {k: int(c[k]) for k in ("loops_found", "loops_rewritten", "loops_skipped")}
+    return {k: int(c[k]) for k in ("loops_found", "loops_rewritten", "loops_skipped", "weight_stacks_per_forward")}
 
 
 __all__ = ["LoopReport", "hint_for", "record", "reset_counters", "counter_snapshot"]

@@ -26,7 +26,7 @@ import re
 import torch
 import torch.fx as fx
 
-from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing
+from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -97,6 +97,8 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
                 return _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
             _recompute_producers(base)
             return base
+    # Counted: each one copies E per-expert tensors on every forward (README "Weights"; tests assert where none is).
+    counters["graph_moe"]["weight_stacks_per_forward"] += 1
     return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
 
 

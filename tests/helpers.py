@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 import graph_moe
 from graph_moe import make_backend
 from graph_moe.stacked_adapters import split_stacked
+from graph_moe.stacked_experts import split_stacked_experts
 
 
 class Recorder:
@@ -48,9 +49,10 @@ def loss_and_grads(model, ids, **kwargs):
     model.zero_grad()
     out = model(input_ids=ids, labels=ids, use_cache=False, **kwargs)
     out.loss.backward()
-    # Stacked LoRA adapters (graph_moe/stacked_adapters.py) under PEFT's per-expert names, to compare with eager.
-    return out.logits.detach(), split_stacked({n: p.grad.clone() for n, p in model.named_parameters()
-                                               if p.grad is not None})
+    # Stacked LoRA adapters and expert weights (graph_moe/stacked_*.py) under their per-expert names, to compare with
+    # eager.
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), split_stacked_experts(split_stacked(grads), model)
 
 
 def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True, grouped_per_loop=2, eval_mode=False):

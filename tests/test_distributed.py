@@ -27,43 +27,50 @@ import fsdp_lora  # noqa: E402
 
 # DDP: adapters of 1.5 MB per layer in buckets of 1 MB, so that Dynamo's DDPOptimizer would cut each layer's graph
 # (and its expert loop) in two if graph_moe.compile did not turn it off.
-EXTRA = {"fsdp2": [], "ddp": ["--bucket-cap-mb", "1", "--hidden", "256", "--intermediate", "256", "--experts", "8",
-                              "--rank", "64"]}
+EXTRA = {"fsdp2": [], "fsdp2-per-expert": ["--per-expert-weights"],
+         "ddp": ["--bucket-cap-mb", "1", "--hidden", "256", "--intermediate", "256", "--experts", "8", "--rank", "64"]}
+
+# What each launch must report: the install's "expert weights" column, and whether the rewritten graphs stack
+# per-expert weights (a copy per forward). FSDP2 with stack_experts (installed before fully_shard) shards the stacks,
+# so the all-gathered stacks feed the grouped GEMMs as they are; shard-then-install leaves per-expert DTensors.
+EXPECTED = {"fsdp2": ("grouped layout, stacked parameters; LoRA stacked (3 projection x adapter)", False),
+            "fsdp2-per-expert": ("per expert: sharded experts", True),
+            "ddp": ("grouped layout; LoRA stacked (3 projection x adapter)", False)}
 
 
-def _launch(parallel: str) -> str:
+def _launch(variant: str) -> str:
+    parallel = variant.split("-")[0]
     # PYTHONPATH: the workers import graph_moe from this tree even if the installed copy points elsewhere.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     # A session of its own: on a timeout the launcher AND its workers are killed (no orphan holding the cores).
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", EXAMPLE,
          "--parallel", parallel, "--device", "cpu", "--inner", "aot_eager", "--steps", "2", "--check",
-         *EXTRA[parallel]],
+         *EXTRA[variant]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{parallel} launch timed out\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        pytest.fail(f"{variant} launch timed out\n{stdout[-3000:]}\n{stderr[-3000:]}")
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return stdout
 
 
-@pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
-def test_lora_training_matches_single_process_eager(parallel):
-    out = _launch(parallel)
+@pytest.mark.parametrize("variant", ["fsdp2", "fsdp2-per-expert", "ddp"])
+def test_lora_training_matches_single_process_eager(variant):
+    out = _launch(variant)
+    weights_expected, copies_expected = EXPECTED[variant]
     for rank in range(WORLD):
         assert f"[rank {rank}] check passed" in out, out
         installed = re.search(rf"\[rank {rank}\] installed (\d+)/(\d+) MoE blocks; expert weights: (\[[^\]]*\])", out)
         assert installed and installed.group(1) == installed.group(2) == "2", out  # both layers' MoE blocks
         weights = ast.literal_eval(installed.group(3))
-        if parallel == "fsdp2":  # sharded experts get no layout: the pass stacks the all-gathered weights
-            assert len(weights) == 1 and "sharded experts" in weights[0], weights
-        else:
-            assert weights == ["grouped layout; LoRA stacked (3 projection x adapter)"], weights
+        assert len(weights) == 1 and weights[0].startswith(weights_expected), weights
         counters = ast.literal_eval(re.search(rf"\[rank {rank}\] graph_moe counters: (\{{[^}}]*\}})", out).group(1))
         assert counters["loops_rewritten"] == counters["loops_found"] >= 1 and counters["loops_skipped"] == 0, counters
+        assert (counters.get("weight_stacks_per_forward", 0) > 0) == copies_expected, counters
     assert re.search(r"step 1: loss \d", out), out
 
 
