@@ -9,32 +9,52 @@ import argparse
 
 import torch
 
-from graph_moe.bench import SHAPES, graph_moe_block, hf_block, with_lora, with_nf4
+from graph_moe.bench import SHAPES, graph_moe_block, grouped_reference, hf_block, with_lora, with_nf4
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", nargs="+", default=["lora"], choices=["frozen", "lora", "qlora"])
+    p.add_argument("--variant", nargs="+", default=["lora"], choices=["frozen", "lora", "qlora", "v5c"],
+                   help="v5c: the transformers 5.x-style grouped forward under torch.compile (the peer), frozen")
+    p.add_argument("--forward-only", action="store_true", help="profile the forward alone (no_grad)")
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
     torch._dynamo.config.recompile_limit = 64
     block = hf_block(SHAPES[args.shape])
     for variant in args.variant:
-        target = {"frozen": block, "lora": lambda: with_lora(block), "qlora": lambda: with_lora(with_nf4(block))}[variant]
-        fn = graph_moe_block(target() if callable(target) else target)
-        x = torch.randn(1, args.tokens, SHAPES[args.shape][2], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        grad = torch.randn_like(x)
-        for _ in range(3):
+        if variant == "v5c":
+            fn = torch.compile(grouped_reference(block), fullgraph=True)
+        else:
+            make = {"frozen": lambda: block, "lora": lambda: with_lora(block),
+                    "qlora": lambda: with_lora(with_nf4(block))}[variant]
+            fn = graph_moe_block(make())
+        for tokens in args.tokens:
+            profile(fn, variant, tokens, args)
+
+
+def profile(fn, variant, tokens, args):
+    x = torch.randn(1, tokens, SHAPES[args.shape][2], device="cuda", dtype=torch.bfloat16,
+                    requires_grad=not args.forward_only)
+    grad = torch.randn_like(x)
+
+    def step():
+        if args.forward_only:
+            with torch.no_grad():
+                fn(x)
+        else:
             fn(x).backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                fn(x).backward(grad)
-            torch.cuda.synchronize()
-        print(f"=== {variant}, {args.tokens} tokens, 5 forward+backward")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    print(f"=== {variant}, {tokens} tokens, 5 {'forwards' if args.forward_only else 'forward+backward'}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=110))
 
 
 if __name__ == "__main__":

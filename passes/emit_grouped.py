@@ -19,6 +19,7 @@ Every new node gets an `example_value`, computed on the graph's fake tensors.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import re
@@ -264,7 +265,14 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                         (slot_of_row,), rows_out, name="rows_by_token")
     by_token = b.method("narrow", by_token, 0, 0, rows, name="rows_by_token_real")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
-    combined = b.method("sum", by_token, 1 - token_dim, name="expert_output")
+    if isinstance(k, int) and 1 < k <= 16:
+        # The k slots added as k slices: one coalesced elementwise kernel. Inductor's reduction over the middle dim
+        # of (tokens, k, hidden) read at a fifth of the copy bandwidth (0.63 of 3.5 ms at Qwen3-30B-A3B, 16384
+        # tokens, H200). Inductor adds bf16 slices in fp32 and rounds once, as the sum did.
+        slots = [b.method("select", by_token, 1 - token_dim, j, name=f"slot_{j}_rows") for j in range(k)]
+        combined = functools.reduce(lambda total, slot: b.call(operator.add, total, slot), slots)
+    else:
+        combined = b.method("sum", by_token, 1 - token_dim, name="expert_output")
 
     acc = cand.accumulator
     acc_val, comb_val = example_value(acc), example_value(combined)
