@@ -10,10 +10,10 @@
         torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=grouped_offsets)
         (x @ stack[e] with an (E, in, out) stack: torch._grouped_mm(rows, stack, offs=...), no transpose),
         each per-expert element-wise operand (a bias added after x @ w[e]) as stack[sorted_expert_ids]
-    combined = scatter rows back to (token, slot) order, .unflatten(0, (-1, K)).sum(slot dim)
+    combined = scatter rows back to (token, slot) order, .unflatten(0, (-1, K)), slot 0 + slot 1 + ... + slot K-1
 
-The combine un-permutes and sums over the k slots: a scatter with unique indices (the padding rows onto one
-extra row, cut off) and a reduction, no atomics.
+The combine un-permutes and adds the k slots: a scatter with unique indices (the padding rows onto one extra row,
+cut off) and k - 1 elementwise adds (one fused kernel), no atomics.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
