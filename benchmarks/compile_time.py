@@ -7,6 +7,8 @@ expert loop, and against the same model with dense MLPs. compile_s = first step 
 Variants (each on a fresh model, Dynamo reset, Inductor's caches off):
 - graph_moe: `graph_moe.compile(model)`: install, regional compile of each decoder layer, the pass folds the
   E unrolled bodies into grouped GEMMs before Inductor sees them.
+- graph_moe_stacked: the same with `stack_experts=True` (expert weights as two stacked parameters: trained
+  experts need no per-forward stack, which Inductor compiles as one copy kernel per expert weight).
 - unrolled: the same installed range loop, each decoder layer compiled by plain Inductor (no pass): what
   compiling the loop costs without graph_moe.
 - dense: the same Qwen3-MoE config with every layer a dense MLP (`mlp_only_layers`), compiled per layer.
@@ -55,8 +57,8 @@ def run(variant: str, args) -> dict:
     torch._dynamo.reset()
     graph_moe.report.reset_counters()
     model = build(args, dense=variant == "dense")
-    if variant == "graph_moe":
-        graph_moe.compile(model)
+    if variant.startswith("graph_moe"):
+        graph_moe.compile(model, stack_experts=variant == "graph_moe_stacked")
     elif variant == "unrolled":
         graph_moe.install(model)
         for layer in model.model.layers:  # the range loop traced into one graph, Inductor on all E bodies
@@ -81,7 +83,7 @@ def run(variant: str, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["graph_moe", "unrolled", "dense"],
-                   choices=["graph_moe", "unrolled", "dense"])
+                   choices=["graph_moe", "graph_moe_stacked", "unrolled", "dense"])
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
