@@ -5,7 +5,7 @@
 
 Each rank takes its slice of one global batch. FSDP2 (`fully_shard` on each decoder layer, then the root) or DDP
 averages the gradients, so a step equals one single-process step on the whole global batch: `--check` runs that
-single-process eager step (the untouched model, no graph_moe) on every rank and compares the loss and every LoRA
+single-process eager step (the untouched model, no graph_moe) on every rank and compares the loss and every
 gradient (bf16 tolerance); the script exits non-zero if they differ.
 
 Order and weights:
@@ -39,6 +39,7 @@ from peft import LoraConfig, get_peft_model
 
 import graph_moe
 from graph_moe.stacked_adapters import split_stacked
+from graph_moe.stacked_experts import split_stacked_experts
 from graph_moe.model_zoo import build_model
 
 LORA_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # the expert projections (Qwen3-MoE has no dense MLP here)
@@ -67,8 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--per-expert-weights", action="store_true",
                    help="FSDP2: shard the per-expert weights as transformers made them, then install (the pass then "
                         "stacks the all-gathered weights per forward); default: stack them first (stack_experts)")
+    p.add_argument("--train-experts", action="store_true",
+                   help="also train the expert weights (full fine-tuning of the experts beside the adapters)")
     p.add_argument("--check", action="store_true",
-                   help="compare step 0's loss and LoRA gradients with a single-process eager run; exit 1 if not equal")
+                   help="compare step 0's loss and every gradient with a single-process eager run; exit 1 if not equal")
     return p.parse_args(argv)
 
 
@@ -80,7 +83,12 @@ def build(args, device) -> torch.nn.Module:
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS,
                         init_lora_weights=not args.check)
     # bf16 adapters: every adapter GEMM can take torch._grouped_mm (fp32 ones take graph_moe's fallback op).
-    return get_peft_model(model, config, autocast_adapter_dtype=False)
+    model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    if args.train_experts:
+        for name, p in model.named_parameters():
+            if ".experts." in name and "lora_" not in name:
+                p.requires_grad_(True)
+    return model
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -125,23 +133,24 @@ def global_batch(args, step, world, device):
     return torch.randint(0, args.vocab, (world * args.batch, args.seq), generator=gen).to(device)
 
 
-def lora_grads(model) -> dict[str, torch.Tensor]:
-    """Every LoRA gradient, whole (FSDP2 keeps sharded DTensor gradients: gathered here, a collective), under PEFT's
-    per-expert names (graph_moe.install stacks each projection's expert adapters into one parameter)."""
+def trained_grads(model) -> dict[str, torch.Tensor]:
+    """Every gradient of a trained parameter, whole (FSDP2 keeps sharded DTensor gradients: gathered here, a
+    collective), under the untouched model's names (graph_moe.install stacks each projection's expert adapters, and
+    with stack_experts the expert weights, into one parameter)."""
     grads = {}
     for name, p in model.named_parameters():
-        if "lora_" not in name:
+        if not p.requires_grad:
             continue
         grad = p.grad if p.grad is not None else torch.zeros_like(p)  # eager skips experts no token reached
         grads[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-    return split_stacked(grads)
+    return split_stacked_experts(split_stacked(grads), model)
 
 
 def eager_step(reference, ids):
     reference.zero_grad()
     loss = reference(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
-    return loss.detach(), lora_grads(reference)
+    return loss.detach(), trained_grads(reference)
 
 
 def compare(loss, grads, ref_loss, ref_grads) -> list[str]:
@@ -151,7 +160,7 @@ def compare(loss, grads, ref_loss, ref_grads) -> list[str]:
 
     problems = [] if close(loss, ref_loss) else [f"loss {loss.item():.5f} != eager {ref_loss.item():.5f}"]
     if grads.keys() != ref_grads.keys():
-        problems.append(f"LoRA parameters differ: {sorted(grads.keys() ^ ref_grads.keys())[:4]}")
+        problems.append(f"trained parameters differ: {sorted(grads.keys() ^ ref_grads.keys())[:4]}")
     for name in sorted(grads.keys() & ref_grads.keys()):
         if not close(grads[name], ref_grads[name]):
             diff = (grads[name].float() - ref_grads[name].float()).abs().max().item()
@@ -193,13 +202,13 @@ def main(argv=None) -> int:
         dist.all_reduce(global_loss)
         global_loss /= world
         if step == 0 and args.check:
-            grads = lora_grads(model)  # a collective under FSDP2: every rank calls it
+            grads = trained_grads(model)  # a collective under FSDP2: every rank calls it
             problems = compare(global_loss, grads, *eager_step(reference, ids))
             failed = bool(problems)
             for problem in problems:
                 print(f"[rank {rank}] CHECK FAILED: {problem}", flush=True)
             if not problems:
-                print(f"[rank {rank}] check passed: loss and {len(grads)} LoRA gradients equal the "
+                print(f"[rank {rank}] check passed: loss and {len(grads)} gradients equal the "
                       f"single-process eager run", flush=True)
         opt.step()
         opt.zero_grad()

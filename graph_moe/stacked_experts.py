@@ -81,6 +81,8 @@ def _slices(block: nn.Module):
 
 def unstack_experts(block: nn.Module) -> None:
     """Give every expert Linear a parameter of its own again (a view of its rows: no copy) and drop the stacks."""
+    if not is_stacked(block):
+        return
     for _, module in list(_slices(block)):
         weight = module.weight.detach()
         requires_grad = getattr(module._graph_moe_owner, module._graph_moe_stack).requires_grad

@@ -1,6 +1,6 @@
 """graph_moe under FSDP2 and DDP: 2 processes on the CPU (gloo), launched by torchrun on examples/fsdp_lora.py.
 
-Each run's `--check` compares step 0's loss and every LoRA gradient with a single-process eager run of the same
+Each run's `--check` compares step 0's loss and every trained gradient with a single-process eager run of the same
 model on the whole global batch (bf16 tolerance) and makes the launch fail otherwise; here we also require every
 MoE block installed and every expert loop rewritten, none skipped, on every rank.
 """
@@ -27,7 +27,7 @@ import fsdp_lora  # noqa: E402
 
 # DDP: adapters of 1.5 MB per layer in buckets of 1 MB, so that Dynamo's DDPOptimizer would cut each layer's graph
 # (and its expert loop) in two if graph_moe.compile did not turn it off.
-EXTRA = {"fsdp2": [], "fsdp2-per-expert": ["--per-expert-weights"],
+EXTRA = {"fsdp2": [], "fsdp2-per-expert": ["--per-expert-weights"], "fsdp2-train-experts": ["--train-experts"],
          "ddp": ["--bucket-cap-mb", "1", "--hidden", "256", "--intermediate", "256", "--experts", "8", "--rank", "64"]}
 
 # What each launch must report: the install's "expert weights" column, and whether the rewritten graphs stack
@@ -35,6 +35,7 @@ EXTRA = {"fsdp2": [], "fsdp2-per-expert": ["--per-expert-weights"],
 # so the all-gathered stacks feed the grouped GEMMs as they are; shard-then-install leaves per-expert DTensors.
 EXPECTED = {"fsdp2": ("grouped layout, stacked parameters; LoRA stacked (3 projection x adapter)", False),
             "fsdp2-per-expert": ("per expert: sharded experts", True),
+            "fsdp2-train-experts": ("grouped layout, stacked parameters; LoRA stacked (3 projection x adapter)", False),
             "ddp": ("grouped layout; LoRA stacked (3 projection x adapter)", False)}
 
 
@@ -58,7 +59,7 @@ def _launch(variant: str) -> str:
     return stdout
 
 
-@pytest.mark.parametrize("variant", ["fsdp2", "fsdp2-per-expert", "ddp"])
+@pytest.mark.parametrize("variant", ["fsdp2", "fsdp2-per-expert", "fsdp2-train-experts", "ddp"])
 def test_lora_training_matches_single_process_eager(variant):
     out = _launch(variant)
     weights_expected, copies_expected = EXPECTED[variant]
