@@ -18,6 +18,7 @@ from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, u
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import attach_adapters, lay_out, remove_layout, usable_layout
 from graph_moe.stacked_adapters import stack_adapters, stacked_pairs, unstack_adapters
+from graph_moe.stacked_experts import is_stacked
 
 log = logging.getLogger("graph_moe")
 
@@ -94,7 +95,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         after install. Install again after adding adapters to stack them too.
     """
     report = InstallReport()
-    newly_stacked = 0
+    newly_stacked = experts_stacked = 0
     wrapped_by = {m.base_layer: m for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
     for path, block in model.named_modules():
         if not is_moe_candidate(block) or (filter_fn is not None and not filter_fn(path, block)):
@@ -120,8 +121,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             block.forward = types.MethodType(family.forward, block)
             setattr(block, _MARK, family.form)
         if _is_ours(block):
+            was_stacked = is_stacked(block)
             entry.weights = (_lay_out(block, family.projections, stack_experts) if layout
                              else "per expert: layout=False")
+            experts_stacked += is_stacked(block) and not was_stacked
             if family.wrappers is not None:
                 entry.weights = family.wrappers(block, _wrappers(block, wrapped_by))
             if stack_lora and family.projections is not None:
@@ -130,6 +133,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             if stacked := stacked_pairs(block):
                 entry.weights += f"; LoRA stacked ({stacked} projection x adapter)"
         report.blocks.append(entry)
+    if experts_stacked:
+        log.warning("graph_moe: the expert weights of %d block(s) are now two parameters each, gate_up and down "
+                    "(graph_moe/stacked_experts.py): create the optimizer (and FSDP2's fully_shard) after "
+                    "graph_moe.install", experts_stacked)
     if newly_stacked:
         # An optimizer made before holds the per-expert adapter parameters, which no longer get gradients.
         log.warning("graph_moe: the LoRA adapters of the experts in %d block(s) are now one parameter per projection "

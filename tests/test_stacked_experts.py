@@ -54,10 +54,13 @@ def test_full_fine_tuning_without_a_weight_copy(family, stacked):
         assert names == [f"model.layers.{i}.{block}.graph_moe_experts.{s}" for i in range(2) for s in ("gate_up", "down")]
 
 
-def test_state_dict_load_and_uninstall_keep_per_expert_weights():
+def test_state_dict_load_and_uninstall_keep_per_expert_weights(caplog):
     model = build("qwen3_moe")
     untouched = copy.deepcopy(model)
-    graph_moe.install(model, stack_experts=True)
+    with caplog.at_level("WARNING", logger="graph_moe"):
+        graph_moe.install(model, stack_experts=True)
+        graph_moe.install(model, stack_experts=True)  # already stacked: no second warning
+    assert sum("create the optimizer" in r.getMessage() for r in caplog.records) == 1, caplog.text
     before = untouched.state_dict()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
