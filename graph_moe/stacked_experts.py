@@ -39,8 +39,12 @@ class ExpertWeightSlice(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
+        return self.rows_of(getattr(self._graph_moe_owner, self._graph_moe_stack))
+
+    def rows_of(self, stack: torch.Tensor) -> torch.Tensor:
+        """This Linear's weight within `stack` (its stack's parameter, value in a state dict, or gradient)."""
         start, stop = self._graph_moe_rows
-        return getattr(self._graph_moe_owner, self._graph_moe_stack)[self._graph_moe_index, start:stop]
+        return stack[self._graph_moe_index, start:stop]
 
     def parameters(self, recurse: bool = True):
         """The stack these rows belong to (what `requires_grad_` and device/dtype lookups on the Linear reach)."""
@@ -103,8 +107,7 @@ def _split_stacks(block, state_dict, prefix, local_metadata):
     stacks = {key.rsplit(".", 1)[1]: state_dict.pop(key) for key in keys if key in state_dict}
     if stacks:
         for name, module in _slices(block):
-            start, stop = module._graph_moe_rows
-            state_dict[f"{prefix}{name}.weight"] = stacks[module._graph_moe_stack][module._graph_moe_index, start:stop]
+            state_dict[f"{prefix}{name}.weight"] = module.rows_of(stacks[module._graph_moe_stack])
     return state_dict
 
 
@@ -120,8 +123,7 @@ def _join_stacks(block, state_dict, prefix, local_metadata, strict, missing_keys
     stacks = {stack: torch.empty(getattr(owner, stack).shape, dtype=getattr(owner, stack).dtype)
               for stack in ("gate_up", "down")}
     for name, module in slices:
-        start, stop = module._graph_moe_rows
-        stacks[module._graph_moe_stack][module._graph_moe_index, start:stop] = state_dict.pop(f"{prefix}{name}.weight")
+        module.rows_of(stacks[module._graph_moe_stack]).copy_(state_dict.pop(f"{prefix}{name}.weight"))
     for stack, value in stacks.items():
         state_dict[f"{prefix}{OWNER}.{stack}"] = value
 
@@ -138,6 +140,5 @@ def split_stacked_experts(tensors: dict[str, torch.Tensor], model: nn.Module) ->
             continue
         for slice_name, module in _slices(blocks[block_name]):
             if module._graph_moe_stack == stack:
-                start, stop = module._graph_moe_rows
-                out[f"{block_name}.{slice_name}.weight"] = value[module._graph_moe_index, start:stop]
+                out[f"{block_name}.{slice_name}.weight"] = module.rows_of(value)
     return out

@@ -98,8 +98,6 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
                 return _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
             _recompute_producers(base)
             return base
-    # Counted: each one copies E per-expert tensors on every forward (README "Weights"; tests assert where none is).
-    counters["graph_moe"]["weight_stacks_per_forward"] += 1
     return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
 
 
@@ -185,6 +183,8 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, boo
             raise
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
+    # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
+    counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.stack for node in b.new)
     return projections
 
 
