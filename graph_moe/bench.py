@@ -143,7 +143,7 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True):
     compiled = torch.compile(ours, backend=graph_moe.make_backend("inductor", mode=mode))
 
     def forward(hidden):
-        if mode == "reduce-overhead":  # each call is a new step: the last step's CUDA-graph outputs may be reused
+        if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each call is a new step (outputs reused)
             torch.compiler.cudagraph_mark_step_begin()
         with graph_moe.capture_settings():
             return compiled(hidden)[0]

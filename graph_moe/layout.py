@@ -21,6 +21,8 @@ stacking: slower, never stale.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import types
 import weakref
 from typing import Callable
@@ -157,6 +159,8 @@ def _why_not(block: nn.Module, names, stacked: bool = False) -> str | None:
     for e, expert in enumerate(experts):
         if type(expert) is not type(experts[0]) or not callable(getattr(expert, "act_fn", None)):
             return f"expert {e} is not a gated MLP like expert 0"
+        if not _same_activation(expert.act_fn, experts[0].act_fn):
+            return f"expert {e}'s act_fn differs from expert 0's (the layout applies one activation to all)"
         if expert._forward_hooks or expert._forward_pre_hooks:
             return f"expert {e} has hooks"
         for name in names:
@@ -187,6 +191,27 @@ def _why_not(block: nn.Module, names, stacked: bool = False) -> str | None:
     if len(dtypes) > 1:
         return "expert weights of mixed dtypes, devices or requires_grad"
     return None
+
+
+def _same_activation(a, b) -> bool:
+    """Two activations that compute the same function: the same object, or modules of one class with equal state
+    (transformers makes one ACT2FN instance per expert; their `act` may be a bound method or a functools.partial)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or not isinstance(a, nn.Module) or a._parameters or a._buffers or a._modules:
+        return False
+
+    def state(module):
+        return {k: _comparable(v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+    return state(a) == state(b)
+
+
+def _comparable(value):
+    if isinstance(value, functools.partial):
+        return value.func, value.args, tuple(sorted(value.keywords.items()))
+    if inspect.ismethod(value):
+        return value.__func__
+    return value
 
 
 def _quant_key(lin) -> tuple:

@@ -49,6 +49,7 @@ class _Builder:
     def __init__(self, graph: fx.Graph, anchor: fx.Node, fake_mode):
         self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
         self.new: list[fx.Node] = []
+        self.sink: list[fx.Node] = []  # pure producers of weight stacks, moved to their first use once rewritten
 
     def _finish(self, node: fx.Node, name: str | None):
         self.new.append(node)
@@ -96,7 +97,7 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
             # stack[e].float() for every e: the whole stack cast once (a copy: recomputed in the backward)
             if cast is not None:
                 return _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
-            _recompute_producers(base)
+            b.sink.extend(_recompute_producers(base))
             return base
     return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
 
@@ -116,11 +117,11 @@ def _recompute_in_backward(node: fx.Node) -> fx.Node:
 _NOT_PURE = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty")
 
 
-def _recompute_producers(stack: fx.Node, limit: int = 12) -> None:
+def _recompute_producers(stack: fx.Node, limit: int = 12) -> list[fx.Node]:
     """A stack the graph computes from parameters with pure ops (the 4-bit layout's one `dequantize_4bit` per
     projection and its views): tagged to be recomputed in the backward, like `_recompute_in_backward`'s copies,
     instead of saving a dequantized bf16 copy of every layer's experts. Left alone if anything on the way is
-    not plainly pure, or the way is long."""
+    not plainly pure, or the way is long. Returns the tagged nodes (for `_sink_to_first_use`)."""
     todo, chain = [stack], []
     while todo:
         node = todo.pop()
@@ -131,11 +132,27 @@ def _recompute_producers(stack: fx.Node, limit: int = 12) -> None:
                                                         and _pure_op(node.target))
         if (node.op not in ("call_function", "call_method") or not known or is_inplace(node)
                 or any(w in name.lower() for w in _NOT_PURE) or len(chain) >= limit):
-            return
+            return []
         chain.append(node)
         todo.extend(node.all_input_nodes)
     for node in chain:
         _recompute_in_backward(node)
+    return chain
+
+
+def _sink_to_first_use(graph: fx.Graph, nodes) -> None:
+    """Move pure nodes down to just before their first user, last producer first.
+
+    The traced forward computes every stack before the loop (`ExpertLayout.stacks()`), so the 4-bit layout's
+    dequantized gate+up and down stacks (805 and 403 MB at the Qwen3-30B-A3B shape) were alive together; moved next
+    to its grouped GEMM, each is freed before the next is made. Moving a node later keeps its inputs before it."""
+    for node in sorted(set(nodes), key=list(graph.nodes).index, reverse=True):
+        if node.graph is not graph or not node.users:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min(node.users, key=order.__getitem__)
+        if order[first] > order[node] + 1:
+            first.prepend(node)
 
 
 def _pure_op(target) -> bool:
@@ -183,6 +200,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, boo
             raise
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
+    _sink_to_first_use(graph, b.sink)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
     counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.stack for node in b.new)
     return projections

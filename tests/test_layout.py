@@ -52,6 +52,23 @@ def test_layout_removes_the_weight_copy(family):
     assert rec.count("_grouped_mm") == 4 and rec.count("stack") == 0
 
 
+def test_an_expert_with_another_activation_is_not_laid_out():
+    """The layout applies one activation to every expert: an expert whose act_fn differs keeps its modules, and the
+    pass, seeing bodies that differ, leaves that loop as traced; the numbers stay right."""
+    from transformers.activations import ACT2FN
+
+    model = _frozen()
+    _blocks(model)[1].experts[2].act_fn = ACT2FN["gelu"]
+    reference = copy.deepcopy(model)
+    report = graph_moe.install(model)
+    assert report.blocks[0].weights == "grouped layout"
+    assert "expert 2's act_fn differs" in report.blocks[1].weights
+    rec = Recorder()
+    ids = _ids()
+    assert_close_bf16(_compiled(model, rec)(ids), reference(input_ids=ids).logits)
+    assert counters["graph_moe"]["loops_rewritten"] == 1 and counters["graph_moe"]["loops_skipped"] == 1
+
+
 def test_layout_keeps_state_dict_and_views():
     model = _frozen()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -69,6 +69,10 @@ def test_4bit_experts_inference_equals_bitsandbytes(saved_model, quant):
     # one dequantize of all experts per projection stack (gate+up, down), two grouped GEMMs, no loop left
     assert keep.count("_grouped_mm") == 2 and keep.count("index_add_") == 0
     assert _dequantize_calls(keep) == 2
+    # each projection dequantized just before its grouped GEMM: the bf16 stacks are never alive together
+    order = [n.target.__name__ for g in keep.graphs for n in g.graph.nodes
+             if getattr(n.target, "__name__", None) in ("dequantize_4bit", "_grouped_mm")]
+    assert order == ["dequantize_4bit", "_grouped_mm"] * 2, order
 
 
 def test_4bit_layout_keeps_weights_4bit_and_shared(saved_model):

@@ -1,0 +1,97 @@
+"""Peak GPU memory of one MoE layer's forward+backward, and what is alive at the peak.
+
+    python benchmarks/peak_memory.py --variants graph_moe_qlora hf_loop_qlora --tokens 4096
+
+For each variant: the transient peak (max allocated during a forward+backward minus what was allocated before it,
+so resident weights of other variants do not count), and with `--snapshot` the largest blocks alive at the peak with
+the Python frames that allocated them (torch.cuda.memory._record_memory_history).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from graph_moe.bench import SHAPES, graph_moe_block, hf_block, with_lora, with_nf4
+
+
+def make_variant(name, block):
+    base = {"frozen": lambda: block, "lora": lambda: with_lora(block), "qlora": lambda: with_lora(with_nf4(block))}
+    kind = name.rsplit("_", 1)[-1] if name.endswith("lora") else "frozen"
+    module = base[kind]()
+    if name.startswith("hf_loop"):
+        return (lambda x: module(x)[0]), module
+    fn = graph_moe_block(module)
+    return fn, fn.module
+
+
+def live_at_peak(snapshot, top=12):
+    """Replay the allocator trace; the largest blocks alive when the allocated total peaked."""
+    live, total, best, best_live = {}, 0, 0, {}
+    for event in snapshot["device_traces"][torch.cuda.current_device()]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] in ("free_requested",) and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > best:
+            best, best_live = total, dict(live)
+    rows = []
+    for event in sorted(best_live.values(), key=lambda e: -e["size"])[:top]:
+        frames = [f"{os.path.basename(f['filename'])}:{f['line']}:{f['name']}" for f in event.get("frames", [])
+                  if f["filename"].endswith(".py") and "torch/utils" not in f["filename"]][:4]
+        rows.append({"mb": round(event["size"] / 1e6, 1), "frames": frames})
+    return {"traced_peak_gb": best / 1e9, "largest_live": rows}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["graph_moe_qlora", "hf_loop_qlora"])
+    p.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--snapshot", action="store_true", help="also list the largest blocks alive at the peak")
+    p.add_argument("--json", default="peak_memory.json")
+    args = p.parse_args()
+    torch._dynamo.config.recompile_limit = 64
+    block = hf_block(SHAPES[args.shape])
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens}
+    for name in args.variants:
+        fn, module = make_variant(name, block)
+        trainable = [q for q in module.parameters() if q.requires_grad]
+        x = torch.randn(1, args.tokens, SHAPES[args.shape][2], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn_like(x)
+
+        def step():
+            x.grad = None
+            for q in trainable:
+                q.grad = None
+            fn(x).backward(grad)
+
+        for _ in range(3):
+            step()
+        x.grad = None
+        for q in trainable:
+            q.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        if args.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200000)
+        step()
+        torch.cuda.synchronize()
+        row = {"transient_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9}
+        if args.snapshot:
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            row.update(live_at_peak(snap))
+        results[name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+        del fn, module
+        torch.cuda.empty_cache()
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
