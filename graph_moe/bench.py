@@ -1,4 +1,5 @@
-"""`graph-moe bench`: one MoE layer on the GPU, graph_moe against the HF loop and grouped references.
+"""`graph-moe bench`: one MoE layer on the GPU, graph_moe against the HF loop and grouped references
+(`graph-moe bench --compile-time`: compile times, graph_moe/bench_compile.py).
 
 Per shape (E, top-k, hidden, intermediate) and token count: forward, and forward+backward with frozen
 experts (gradient for the input), in bf16; the roofline from this card's measured GEMM rate and copy
@@ -284,7 +285,15 @@ def _variants(rows):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="graph-moe bench", description=__doc__)
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0] == "--compile-time":  # its own options: graph-moe bench --compile-time --help
+        from graph_moe.bench_compile import main as compile_time_main
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        return compile_time_main(argv[1:])
+    p = argparse.ArgumentParser(prog="graph-moe bench", description=__doc__,
+                                epilog="graph-moe bench --compile-time [--help]: compile time of 1- and 4-layer models "
+                                "and the recompiles over new sequence lengths (CPU or GPU)")
     p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"], choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 16384])
     p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")

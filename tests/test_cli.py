@@ -3,17 +3,27 @@
 import subprocess
 import sys
 
-import pytest
 
 
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["demo", "explain", "dump", "bench"])
-def test_help(command):
-    proc = _run("-m", "graph_moe", command, "--help")
-    assert proc.returncode == 0 and "usage: graph-moe" in proc.stdout
+def test_help():
+    """Every command's --help, in one fresh process (each launch costs seconds of imports)."""
+    code = """
+import contextlib, io
+from graph_moe.cli import main
+for command in (["demo"], ["explain"], ["dump"], ["bench"], ["bench", "--compile-time"]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main([*command, "--help"])
+    assert "usage: graph-moe" in out.getvalue(), (command, out.getvalue())
+print("ok")
+"""
+    proc = _run("-c", code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    assert _run("-m", "graph_moe", "--help").stdout.startswith("usage: graph-moe")
 
 
 def test_explain_cli_reports_each_loop():
@@ -41,3 +51,22 @@ print("ok")
 """
     proc = _run("-c", code)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bench_compile_time_runs_on_the_cpu(tmp_path):
+    """`graph-moe bench --compile-time` at a tiny shape on this CPU (aot_eager after the pass: Inductor's C++ compile
+    would take a minute): the JSON of every number, a table, the loops rewritten, and after the one dynamic recompile
+    at the first new sequence length, no more graphs."""
+    out = tmp_path / "compile.json"
+    proc = _run("-m", "graph_moe", "bench", "--compile-time", "--layers", "2", "--variants", "graph_moe", "--experts",
+                "4", "--top-k", "2", "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--tokens", "16",
+                "--lengths", "3", "--device", "cpu", "--inner", "aot_eager", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    header, row = json.loads(out.read_text())
+    assert header["card"] == "cpu" and row["layers"] == 2 and row["variant"] == "graph_moe"
+    assert row["loops_rewritten"] >= 1 and row["loops_skipped"] == 0
+    assert row["compile_s"] > 0 and len(row["length_steps_s"]) == 3
+    assert row["graphs_compiled_over_lengths"] <= 1  # regional: one graph serves both layers at every length
+    assert "| 2 | graph_moe |" in proc.stdout

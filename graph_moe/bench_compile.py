@@ -1,8 +1,9 @@
-"""Compile time of a training step (forward + backward), caches off: graph_moe against Inductor on the unrolled
-expert loop, and against the same model with dense MLPs. compile_s = first step - second step (same shapes).
+"""`graph-moe bench --compile-time`: compile time of a training step (forward + backward), caches off, graph_moe
+against Inductor on the unrolled expert loop and against the same model with dense MLPs; then the graphs compiled
+over new sequence lengths. compile_s = first step - second step (same shapes).
 
-    python benchmarks/compile_time.py --layers 1 --variants graph_moe unrolled
-    python benchmarks/compile_time.py --layers 4 --variants graph_moe dense
+    graph-moe bench --compile-time                                  # 1 and 4 layers, Qwen3-30B-A3B layer shape
+    graph-moe bench --compile-time --layers 24 --variants graph_moe dense --frozen-mlp
 
 Variants (each on a fresh model, Dynamo reset, Inductor's caches off):
 - graph_moe: `graph_moe.compile(model)`: install, regional compile of each decoder layer, the pass folds the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import torch
@@ -28,12 +30,14 @@ import torch
 import graph_moe
 from graph_moe.model_zoo import make_config
 
+log = logging.getLogger("graph_moe")
 
-def build(args, dense: bool):
+
+def build(args, layers: int, dense: bool):
     import transformers as tf
 
-    extra = {"mlp_only_layers": list(range(args.layers))} if dense else {}
-    config = make_config("qwen3_moe", layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
+    extra = {"mlp_only_layers": list(range(layers))} if dense else {}
+    config = make_config("qwen3_moe", layers=layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                          intermediate=args.intermediate, vocab=args.vocab, **extra)
     torch.manual_seed(0)
     with torch.device(args.device):  # random init on the device: 24 layers of 128 experts take minutes on a CPU
@@ -53,19 +57,19 @@ def first_step_seconds(model, args, tokens=None) -> float:
     return time.perf_counter() - start
 
 
-def run(variant: str, args) -> dict:
+def run(variant: str, layers: int, args) -> dict:
     torch._dynamo.reset()
     graph_moe.report.reset_counters()
-    model = build(args, dense=variant == "dense")
+    model = build(args, layers, dense=variant == "dense")
     if variant.startswith("graph_moe"):
-        graph_moe.compile(model, stack_experts=variant == "graph_moe_stacked")
+        graph_moe.compile(model, inner=args.inner, stack_experts=variant == "graph_moe_stacked")
     elif variant == "unrolled":
         graph_moe.install(model)
         for layer in model.model.layers:  # the range loop traced into one graph, Inductor on all E bodies
-            layer.compile(backend="inductor")
+            layer.compile(backend=args.inner)
     else:
         for layer in model.model.layers:
-            layer.compile(backend="inductor")
+            layer.compile(backend=args.inner)
     with graph_moe.capture_settings():
         first = first_step_seconds(model, args)
         second = first_step_seconds(model, args)  # the same shapes: no compile, the step itself
@@ -80,11 +84,21 @@ def run(variant: str, args) -> dict:
     return result
 
 
+def table(header: dict, results: list[dict]) -> str:
+    lines = [f"{header['card']}, torch {header['torch']}; seconds; compile = first step - second step",
+             "| layers | variant | compile | step after | graphs compiled over new lengths |", "|---|---|---|---|---|"]
+    for r in results:
+        over = r.get("graphs_compiled_over_lengths", "-")
+        lines.append(f"| {r['layers']} | {r['variant']} | {r['compile_s']:.1f} | {r['second_step_s']:.3f} | {over} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="graph-moe bench --compile-time", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["graph_moe", "unrolled", "dense"],
                    choices=["graph_moe", "graph_moe_stacked", "unrolled", "dense"])
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 4], help="decoder layer counts, one model each")
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
@@ -92,23 +106,24 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--frozen-mlp", action="store_true", help="no weight gradients for the MLPs (LoRA-like)")
-    p.add_argument("--lengths", type=int, default=0, help="then N more steps at new sequence lengths (recompiles)")
+    p.add_argument("--lengths", type=int, default=8, help="then N more steps at new sequence lengths (recompiles)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None)
+    p.add_argument("--inner", default="inductor", help="the compiler after Dynamo (and the pass): inductor, or aot_eager "
+                   "to time Dynamo and the pass alone")
+    p.add_argument("--json", default="bench_compile_time.json")
     args = p.parse_args(argv)
+    from tqdm import tqdm
+
     torch.compiler.config.force_disable_caches = True
     torch._dynamo.config.recompile_limit = 64
+    header = {**{k: v for k, v in vars(args).items() if k not in ("json", "variants", "layers")},
+              "torch": torch.__version__, "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     results = []
-    for variant in args.variants:
-        results.append(run(variant, args))
-        print(json.dumps(results[-1]), flush=True)
-    header = {**{k: v for k, v in vars(args).items() if k not in ("json", "variants")}, "torch": torch.__version__,
-              "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
-    if args.json:
-        with open(args.json, "w") as f:
+    runs = [(layers, variant) for layers in args.layers for variant in args.variants]
+    for layers, variant in tqdm(runs, desc="compile time", unit="model"):
+        results.append({"layers": layers, **run(variant, layers, args)})
+        log.info("%s", json.dumps(results[-1]))
+        with open(args.json, "w") as f:  # kept after every model: a long run stopped early keeps what it measured
             json.dump([header] + results, f, indent=1)
+    print(table(header, results))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
