@@ -87,7 +87,7 @@ def main():
             row.update(live_at_peak(snap))
         results[name] = row
         print(name, json.dumps(row, indent=1), flush=True)
-        del fn, module
+        fn = module = None  # free this variant before the next
         torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
-from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_getitem, is_inplace,
+from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
 from .prove_bodies import ProvenLoop, Unprovable
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 
-
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
 
