@@ -33,14 +33,19 @@ def capture_settings():
     return torch._dynamo.config.patch(**CAPTURE_SETTINGS)
 
 
-class _WithCaptureSettings:
-    """A compiled callable that applies the capture settings around each call."""
+# dynamic=True makes the floats Dynamo reads (norm epsilons, LoRA scalings) symbolic too; AOTAutograd then
+# specializes them by restarting the whole trace, and the layer compiles twice. They never vary: keep them constants.
+DYNAMIC_SETTINGS = dict(specialize_float=True)
 
-    def __init__(self, compiled):
-        self.compiled = compiled
+
+class _WithCaptureSettings:
+    """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call."""
+
+    def __init__(self, compiled, extra=None):
+        self.compiled, self.settings = compiled, {**CAPTURE_SETTINGS, **(extra or {})}
 
     def __call__(self, *args, **kwargs):
-        with capture_settings():
+        with torch._dynamo.config.patch(**self.settings):
             return self.compiled(*args, **kwargs)
 
 
@@ -71,7 +76,8 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, **torch_co
         if keep_compiled and isinstance(region.__dict__.get("_compiled_call_impl"), _WithCaptureSettings):
             continue
         region._compiled_call_impl = _WithCaptureSettings(
-            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs))
+            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs),
+            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None)
         compiled += 1
     return compiled
 
