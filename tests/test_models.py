@@ -57,7 +57,7 @@ def test_eight_sequence_lengths_compile_twice_and_stay_rewritten(dynamic):
     keep = Keep()
     graphs_before = counters["stats"]["unique_graphs"]
     graph_moe.compile(model, inner=keep, dynamic=dynamic)
-    for length in (5, 9, 12, 16, 7, 21, 3, 30):
+    for length in (5, 9, 12, 16, 7, 21, 3, 30) if dynamic is None else (5, 9, 30):
         ids = torch.randint(0, 64, (2, length))
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     graphs = 2 if dynamic is None else 1
