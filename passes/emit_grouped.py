@@ -373,6 +373,10 @@ def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
     w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
     if w_t is not w and _is_recomputed(w):
         _recompute_in_backward(w_t)
+    cast_to = _autocast_dtype(example_value(x), example_value(w), linears)
+    if cast_to is not None:  # what autocast does to each per-expert linear: rows and weights in its dtype
+        x = b.method("to", x, cast_to, name="rows_autocast")
+        w, w_t = (_recompute_in_backward(b.method("to", t, cast_to, name="weights_autocast")) for t in (w, w_t))
     fallback = not _fits_grouped_mm(example_value(x), example_value(w))
     per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
     if not fallback and per_call:
@@ -388,6 +392,23 @@ def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
             else _stack(b, linears[0].biases, "stacked_bias")
         out = b.call(operator.add, out, b.call(operator.getitem, bias, row_expert, name="row_bias"))
     return out, fallback
+
+
+_AUTOCAST_MATMULS = {"linear", "matmul", "mm", "__matmul__"}  # ops autocast runs in its lower precision
+
+
+def _autocast_dtype(x: torch.Tensor, w: torch.Tensor, linears) -> torch.dtype | None:
+    """bfloat16 when the loop is traced under torch.autocast to bfloat16 (PEFT's float32 adapters in a bf16 model,
+    the HF Trainer's bf16=True) and these linears are ones autocast computes in bfloat16 but the rows or weights are
+    not bfloat16 yet: emitting autocast's casts keeps them on torch._grouped_mm rather than the fallback op, with the
+    numbers eager autocast gives. None otherwise."""
+    device = x.device.type
+    if (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != torch.bfloat16
+            or not all(op_name(g.node) in _AUTOCAST_MATMULS for g in linears)
+            or not all(t.dtype in (torch.float32, torch.bfloat16) for t in (x, w))
+            or (x.dtype == w.dtype == torch.bfloat16)):
+        return None
+    return torch.bfloat16
 
 
 def _fits_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:

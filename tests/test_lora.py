@@ -69,6 +69,32 @@ def test_gate_and_up_lora_a_factors_share_one_grouped_gemm():
         assert_close_bf16(grads[name], ref_grads[name], name)
 
 
+def test_float32_adapters_under_autocast_take_the_grouped_gemms():
+    """PEFT's default float32 adapters in a bf16 model under torch.autocast (the HF Trainer with bf16=True): the pass
+    emits autocast's casts, so every projection runs on torch._grouped_mm (none on the fallback op), and loss and
+    adapter gradients equal eager PEFT under the same autocast."""
+    from graph_moe.model_zoo import build_model
+    from helpers import Keep
+
+    model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=64, vocab=64)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model.to(torch.bfloat16), config)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    reference = copy.deepcopy(model)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_lora_grads(model, ids)
+        ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
+    assert keep.count("_grouped_mm") == 8 and keep.count("grouped_mm") == 0
+    assert_close_bf16(loss, ref_loss, "loss")
+    for name in ref_grads:
+        assert grads[name].dtype == torch.float32
+        assert_close_bf16(grads[name], ref_grads[name], name)
+
+
 def test_lora_training_steps_track_eager():
     model = _lora_model(adapter_fp32=True)
     reference = copy.deepcopy(model)
