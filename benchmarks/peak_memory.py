@@ -13,13 +13,11 @@ import os
 
 import torch
 
-from graph_moe.bench import SHAPES, graph_moe_block, hf_block, with_lora, with_nf4
+from graph_moe.bench import SHAPES, block_variant, graph_moe_block, hf_block
 
 
 def make_variant(name, block):
-    base = {"frozen": lambda: block, "lora": lambda: with_lora(block), "qlora": lambda: with_lora(with_nf4(block))}
-    kind = name.rsplit("_", 1)[-1] if name.endswith("lora") else "frozen"
-    module = base[kind]()
+    module = block_variant(name.rsplit("_", 1)[-1] if name.endswith("lora") else "frozen", block)
     if name.startswith("hf_loop"):
         return (lambda x: module(x)[0]), module
     fn = graph_moe_block(module)

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from graph_moe.bench import SHAPES, graph_moe_block, grouped_reference, hf_block, with_lora, with_nf4
+from graph_moe.bench import SHAPES, block_variant, graph_moe_block, grouped_reference, hf_block
 
 
 def main():
@@ -27,9 +27,7 @@ def main():
         if variant == "v5c":
             fn = torch.compile(grouped_reference(block), fullgraph=True)
         else:
-            make = {"frozen": lambda: block, "lora": lambda: with_lora(block),
-                    "qlora": lambda: with_lora(with_nf4(block))}[variant]
-            fn = graph_moe_block(make())
+            fn = graph_moe_block(block_variant(variant, block))
         for tokens in args.tokens:
             profile(fn, variant, tokens, args)
 

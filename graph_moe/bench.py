@@ -133,6 +133,11 @@ def with_nf4(block):
     return nf4
 
 
+def block_variant(kind: str, block):
+    """`block` itself ("frozen"), or a copy with LoRA on its experts ("lora") or NF4 experts + LoRA ("qlora")."""
+    return {"frozen": lambda: block, "lora": lambda: with_lora(block), "qlora": lambda: with_lora(with_nf4(block))}[kind]()
+
+
 def graph_moe_block(block, mode=None, layout=True, stack_lora=True):
     import copy
 

@@ -370,13 +370,13 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
 
 
 def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
-    w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
-    if w_t is not w and _is_recomputed(w):
-        _recompute_in_backward(w_t)
     cast_to = _autocast_dtype(example_value(x), example_value(w), linears)
     if cast_to is not None:  # what autocast does to each per-expert linear: rows and weights in its dtype
         x = b.method("to", x, cast_to, name="rows_autocast")
-        w, w_t = (_recompute_in_backward(b.method("to", t, cast_to, name="weights_autocast")) for t in (w, w_t))
+        w = _recompute_in_backward(b.method("to", w, cast_to, name="weights_autocast"))
+    w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
+    if w_t is not w and _is_recomputed(w):
+        _recompute_in_backward(w_t)
     fallback = not _fits_grouped_mm(example_value(x), example_value(w))
     per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
     if not fallback and per_call:
