@@ -44,6 +44,7 @@ def main():
     print(model._graph_moe_install_report)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), device=device)
+    model.train()  # as the HF Trainer does (in eval mode bitsandbytes would repack 4-bit weights for its CPU kernel)
     for step in range(args.steps):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
