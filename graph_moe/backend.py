@@ -34,6 +34,16 @@ def run_inner(inner: str | Callable, gm, example_inputs, *, mode: str | None = N
     return registry.lookup_backend(inner)(gm, example_inputs)
 
 
+def _fake_tensor_cache_on(example_inputs):
+    """The capture settings trace without the fake-tensor cache (it misses on the unrolled bodies, compile.py);
+    the rewritten graph is small and AOTAutograd and Inductor hit it often: on again for them, on Dynamo's fake
+    mode (which they reuse, the backward's lazy compile included) and on any mode they make."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is not None:
+        fake_mode.cache_enabled = not fake_mode.propagate_real_tensors
+    return torch._dynamo.config.patch(fake_tensor_cache_enabled=True)
+
+
 def _warn_if_router_without_loop(gm: torch.fx.GraphModule) -> None:
     """A router (one_hot of the top-k ids) with no loop after it: the loop ran in Python, outside any graph."""
     if any(getattr(n.target, "__name__", None) == "one_hot" for n in gm.graph.nodes):
@@ -75,8 +85,9 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
         _warn_if_ddp_splits(reports)
         if on_reports is not None:
             on_reports(reports)
-        return run_inner(inner, gm, example_inputs, mode=kwargs.get("mode", mode),
-                         options={**(options or {}), **(kwargs.get("options") or {})})
+        with _fake_tensor_cache_on(example_inputs):
+            return run_inner(inner, gm, example_inputs, mode=kwargs.get("mode", mode),
+                             options={**(options or {}), **(kwargs.get("options") or {})})
 
     graph_moe_backend.inner = inner
     return graph_moe_backend

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graph_moe.families.common import to_dtype
 from graph_moe.stacked_adapters import OWNER as ADAPTERS
 from graph_moe.stacked_experts import is_stacked, stack_experts, unstack_experts
 
@@ -88,9 +89,9 @@ class ExpertLayout:
         LoRA adapters of PEFT-wrapped projections. Linear4bit computes in its compute dtype: cast as it does."""
         gate_up, down = stacks
         gate_name, up_name, down_name = self.names
-        gate, up = F.linear(x.to(gate_up.dtype), gate_up[e]).to(x.dtype).chunk(2, dim=-1)
+        gate, up = to_dtype(F.linear(to_dtype(x, gate_up.dtype), gate_up[e]), x.dtype).chunk(2, dim=-1)
         hidden = self.act_fn(self._plus_lora(expert, gate_name, e, x, gate)) * self._plus_lora(expert, up_name, e, x, up)
-        down_out = F.linear(hidden.to(down.dtype), down[e]).to(hidden.dtype)
+        down_out = to_dtype(F.linear(to_dtype(hidden, down.dtype), down[e]), hidden.dtype)
         return self._plus_lora(expert, down_name, e, hidden, down_out)
 
     def _plus_lora(self, expert: nn.Module, projection: str, e: int, x: torch.Tensor, result: torch.Tensor):
@@ -112,10 +113,10 @@ class ExpertLayout:
                 a, b = module.lora_A[name].weight, module.lora_B[name].weight
             else:
                 continue
-            h = x.to(a.dtype) if module.__dict__.get("cast_input_dtype_enabled", True) else x
+            h = to_dtype(x, a.dtype) if module.__dict__.get("cast_input_dtype_enabled", True) else x
             output = F.linear(F.linear(module.lora_dropout[name](h), a), b) * module.scaling[name]
-            result = result + (output.to(dtype) if cast_each else output)
-        return result.to(dtype)
+            result = result + (to_dtype(output, dtype) if cast_each else output)
+        return to_dtype(result, dtype)
 
 
 def _is_4bit(module: nn.Module) -> bool:

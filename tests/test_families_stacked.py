@@ -128,7 +128,7 @@ def test_model_rewritten_and_equal(family):
     expert weights and biases included, equal the untouched eager model."""
     model = build(family)
     keep = check_model_rewritten(model, blocks=2)
-    assert keep.count("stack") == 0  # the 3D parameters go to _grouped_mm as they are
+    assert keep.count("stack_weights") == 0  # the 3D parameters go to _grouped_mm as they are
     for name, param in model.named_parameters():
         if ".experts." in name:
             assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -243,7 +243,7 @@ def test_stacked_forms_rewritten_and_equal(cfg):
     # Gate and up from two stacks stay two grouped GEMMs: fusing them would copy both stacks every forward.
     assert rec.count("_grouped_mm") == (2 if cfg["fused"] else 3)
     assert rec.count("index_add_", "index_add") == 0
-    assert rec.count("stack") == 0  # weights, biases and scales are read from their stacks, not copied
+    assert rec.count("stack_weights") == 0  # weights, biases and scales are read from their stacks, not copied
     assert_close_bf16(out, ref, "output")
     for i, (a, b) in enumerate(zip(out_grads, ref_grads)):
         assert a is not None and b is not None

@@ -49,7 +49,7 @@ def test_layout_removes_the_weight_copy(family):
     ids = _ids()
     assert_close_bf16(_compiled(model, rec)(ids), reference(input_ids=ids).logits)
     assert counters["graph_moe"]["loops_rewritten"] == 2
-    assert rec.count("_grouped_mm") == 4 and rec.count("stack") == 0
+    assert rec.count("_grouped_mm") == 4 and rec.count("stack_weights") == 0
 
 
 def test_an_expert_with_another_activation_is_not_laid_out():
@@ -152,7 +152,7 @@ def test_dtype_round_trip_lays_out_again():
     rec = Recorder()
     ids = _ids()
     assert_close_bf16(_compiled(model, rec)(ids), reference(input_ids=ids).logits)
-    assert rec.count("stack") == 0
+    assert rec.count("stack_weights") == 0
 
 
 def test_unfrozen_expert_trains_through_the_modules():

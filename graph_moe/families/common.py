@@ -60,12 +60,18 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
     for expert_idx in range(num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[None, top_x].reshape(-1, hidden_states.shape[-1])
+        current_state = hidden_states[top_x]
         expert = experts[expert_idx]
         expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert, stacks)
         current_hidden_states = expert_out * routing_weights[top_x, idx, None]
-        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+        final_hidden_states.index_add_(0, top_x, to_dtype(current_hidden_states, hidden_states.dtype))
     return final_hidden_states
+
+
+def to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without the no-op: Dynamo traces every op of the E unrolled bodies, and each one it
+    does not see (a cast to the dtype a tensor already has) is compile time saved, E times per layer."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def softmax_topk(router_logits, top_k, normalize, dtype):
