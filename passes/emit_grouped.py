@@ -31,10 +31,11 @@ from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, cou
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import grouped_op  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm)
+from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
+from .early_scale import plan_early_scale
 from .prove_bodies import ProvenLoop, Unprovable
 
 
@@ -99,7 +100,7 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
                 return _recompute_in_backward(b.copy(cast, {cast.args[0]: base}))
             b.sink.extend(_recompute_producers(base))
             return base
-    return _recompute_in_backward(b.call(torch.stack, list(tensors), name=name))
+    return _recompute_in_backward(b.call(torch.ops.graph_moe.stack_weights, list(tensors), name=name))
 
 
 def _recompute_in_backward(node: fx.Node) -> fx.Node:
@@ -202,7 +203,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, boo
     _reroute(loop, result)
     _sink_to_first_use(graph, b.sink)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
-    counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.stack for node in b.new)
+    counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.ops.graph_moe.stack_weights for node in b.new)
     return projections
 
 
@@ -243,8 +244,16 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     linears = {g.node: g for g in loop.linears}
     fused = _fusable_pairs(loop.linears) if fuse_projections else {}
     projections = []
-    for node in loop.template:
+    early = plan_early_scale(loop)
+    order = loop.template if early is None else early.first + [n for n in loop.template if n not in early.first]
+    for node in order:
         if node in env:
+            continue
+        if early is not None and node is early.product:
+            env[node] = env[early.y]  # its rows were scaled before the linears (early_scale.py)
+            continue
+        if early is not None and node is early.rows:
+            env[node] = b.call(operator.mul, b.copy(node, env), env[early.scale], name="rows_times_routing_weight")
             continue
         if node in linears:
             g = linears[node]

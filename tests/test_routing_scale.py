@@ -1,0 +1,89 @@
+"""Each row is scaled by its routing weight before the expert's down projection (passes/early_scale.py): the backward
+then keeps no (rows x hidden) expert output to form the routing weights' gradient. Values as in eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import graph_moe
+from graph_moe.model_zoo import build_model
+from helpers import Keep, Recorder, assert_close_bf16, loss_and_grads
+from moe_blocks import RangeMoE
+
+HIDDEN, INTER, TOKENS, TOP_K = 64, 48, 14, 2  # no intermediate width (48, gate+up 96) equals hidden
+
+
+def _model(lora: bool):
+    model = build_model("qwen3_moe", layers=1, experts=4, top_k=TOP_K, hidden=HIDDEN, intermediate=INTER, vocab=64)
+    model.model.layers[0].mlp.requires_grad_(False)  # frozen experts; the router, attention, embeddings train
+    if lora:
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["gate_proj", "up_proj",
+                                                                                        "down_proj"])
+        model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        # The block's input then needs a gradient (and so the routing weights), as in every layer after the first
+        # of a LoRA model: the adapters below it change it.
+        model.enable_input_require_grads()
+    return model
+
+
+def _wide_saved_rows(model, ids):
+    """Shapes of the tensors autograd keeps that hold a hidden-wide row for every (token, slot) pair."""
+    weights, saved = {p.data_ptr() for p in model.parameters()}, []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    return [tuple(t.shape) for t in saved if t.data_ptr() not in weights and t.dim() == 2 and t.shape[-1] == HIDDEN
+            and t.shape[0] >= TOKENS * TOP_K]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen", "lora"])
+def test_rows_are_scaled_before_the_down_projection(lora, monkeypatch):
+    model = _model(lora)
+    reference, unplanned = copy.deepcopy(model), copy.deepcopy(model)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    ids = torch.randint(0, 64, (2, TOKENS // 2))
+    logits, grads = loss_and_grads(model, ids)
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    assert_close_bf16(logits, ref_logits, "logits")
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in ref_grads.items():  # the router's gradient comes through the routing weights
+        assert_close_bf16(grads[name], grad, name)
+
+    nodes = [n for g in keep.graphs for n in g.graph.nodes]
+    scaled = [n for n in nodes if n.name.startswith("rows_times_routing_weight")]
+    assert len(scaled) == 1
+    # the down projection (and its LoRA A) read the scaled rows: a grouped GEMM down the users
+    readers, todo = set(), list(scaled[0].users)
+    while todo:
+        n = todo.pop()
+        readers.add(getattr(n.target, "__name__", n.target))
+        todo.extend(u for u in n.users if "grouped_mm" not in readers)
+    assert "_grouped_mm" in readers
+
+    # What it saves: told not to plan the early scale, the backward also keeps the experts' (rows x hidden) output.
+    # LoRA keeps the gathered input rows either way (LoRA A's weight gradient reads them).
+    import graph_moe.passes.emit_grouped as emit
+
+    kept = _wide_saved_rows(model, ids)
+    monkeypatch.setattr(emit, "plan_early_scale", lambda loop: None)
+    torch._dynamo.reset()
+    graph_moe.compile(unplanned, inner=Keep())
+    kept_unplanned = _wide_saved_rows(unplanned, ids)
+    assert len(kept) == int(lora) and len(kept_unplanned) == len(kept) + 1, (kept, kept_unplanned)
+
+
+def test_a_down_projection_with_bias_is_scaled_after_it():
+    """down(h) = h @ W.T + b is not linear in h: the scale stays where the body put it."""
+    torch.manual_seed(3)
+    module = RangeMoE(num_experts=4, top_k=2, hidden=16, inter=32, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    reference = copy.deepcopy(module)
+    rec = Recorder()
+    out = torch.compile(module, backend=rec.backend)(x)
+    assert [r.rewritten for r in rec.reports] == [True]
+    assert not [n for g in rec.graphs for n in g.graph.nodes if n.name.startswith("rows_times_routing_weight")]
+    assert_close_bf16(out, reference(x), "output")
