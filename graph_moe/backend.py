@@ -34,14 +34,13 @@ def run_inner(inner: str | Callable, gm, example_inputs, *, mode: str | None = N
     return registry.lookup_backend(inner)(gm, example_inputs)
 
 
-def _fake_tensor_cache_on(example_inputs):
+def fake_tensor_cache_back_on(example_inputs=None):
     """The capture settings trace without the fake-tensor cache (it misses on the unrolled bodies, compile.py);
     the rewritten graph is small and AOTAutograd and Inductor hit it often: on again for them, on Dynamo's fake
-    mode (which they reuse, the backward's lazy compile included) and on any mode they make."""
+    mode, which they reuse (the backward's lazy compile included)."""
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     if fake_mode is not None:
         fake_mode.cache_enabled = not fake_mode.propagate_real_tensors
-    return torch._dynamo.config.patch(fake_tensor_cache_enabled=True)
 
 
 def _warn_if_router_without_loop(gm: torch.fx.GraphModule) -> None:
@@ -85,7 +84,8 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
         _warn_if_ddp_splits(reports)
         if on_reports is not None:
             on_reports(reports)
-        with _fake_tensor_cache_on(example_inputs):
+        fake_tensor_cache_back_on(example_inputs)
+        with torch._dynamo.config.patch(fake_tensor_cache_enabled=True):  # and for any fake mode they make
             return run_inner(inner, gm, example_inputs, mode=kwargs.get("mode", mode),
                              options={**(options or {}), **(kwargs.get("options") or {})})
 

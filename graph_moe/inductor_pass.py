@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 import graph_moe.passes as _passes_pkg
+from graph_moe.backend import fake_tensor_cache_back_on
 from graph_moe.passes import rewrite_moe_loops
 from graph_moe.report import LoopReport, record
 
@@ -91,6 +92,7 @@ class GraphMoePass(CustomGraphPass):
         if not isinstance(gm, fx.GraphModule):
             raise TypeError("graph_moe: the pre-grad pass needs a torch.fx.Graph owned by a GraphModule "
                             f"(got owning_module={type(gm).__name__})")
+        fake_tensor_cache_back_on()  # AOTAutograd, after this pass, traces the small rewritten graph
         reports = rewrite_moe_loops(gm, **self.settings)
         if any(r.rewritten for r in reports):
             gm.recompile()  # rewrite_moe_loops recompiles too; cheap, and keeps gm.forward in step with graph

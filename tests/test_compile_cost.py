@@ -47,6 +47,20 @@ def test_dynamo_traces_without_the_fake_tensor_cache_and_the_inner_compiler_has_
         assert not torch._dynamo.config.fake_tensor_cache_enabled
 
 
+def test_the_inductor_pass_turns_the_cache_back_on_for_what_follows_it():
+    """As a pre-grad pass under the plain inductor backend (graph_moe.inductor_options()), Dynamo traced without the
+    cache too; AOTAutograd, after the pass, traces the small rewritten graph with it."""
+    model = build("qwen3_moe", layers=1, experts=8).requires_grad_(False)
+    graph_moe.install(model)
+    block, seen = model.model.layers[0].mlp, []
+    then = lambda graph: seen.append(torch._guards.detect_fake_mode().cache_enabled)  # noqa: E731
+    hidden = torch.randn(2, 7, 32, dtype=torch.bfloat16)
+    with graph_moe.capture_settings():
+        out = torch.compile(block, options=graph_moe.inductor_options(then=then))(hidden)[0]
+    assert seen == [True] and counters["graph_moe"]["loops_rewritten"] == 1
+    assert_close_bf16(out, block(hidden)[0], "output")
+
+
 def test_the_range_loop_traces_no_noop_casts():
     """In a bf16 model every cast in the experts' bodies would be to the dtype a tensor has: none reaches the graph
     Dynamo traces (it would trace each one E times), and the block computes what it did in eager."""
