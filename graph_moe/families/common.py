@@ -58,10 +58,11 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     final_hidden_states = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=hidden_states.dtype, device=hidden_states.device)
     stacks = layout.stacks() if layout is not None else None
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
+    expert_modules = list(experts)  # one walk of the ModuleList, not E calls of its __getitem__ for Dynamo to trace
     for expert_idx in range(num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[top_x]
-        expert = experts[expert_idx]
+        expert = expert_modules[expert_idx]
         expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert, stacks)
         current_hidden_states = expert_out * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, to_dtype(current_hidden_states, hidden_states.dtype))
