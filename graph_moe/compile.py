@@ -27,7 +27,9 @@ log = logging.getLogger("graph_moe")
 # overlaps layer by layer.
 # fake_tensor_cache_enabled: every op of the E unrolled bodies has its own unbacked row count, so Dynamo's fake-tensor
 # cache misses on ~92% of them and building and checking each entry costs more than the op: tracing a 128-expert
-# layer takes 30% less time without it. The backend turns it back on for AOTAutograd and Inductor (backend.py).
+# layer takes 30% less time without it. The backend and the Inductor pass turn it back on for AOTAutograd and
+# Inductor (backend.py, inductor_pass.py); another backend compiled under these settings runs without it (slower
+# to compile, same result).
 CAPTURE_SETTINGS = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True, optimize_ddp=False,
                         fake_tensor_cache_enabled=False)
 
