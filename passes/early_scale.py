@@ -15,11 +15,10 @@ import numbers
 
 import torch.fx as fx
 
-from .ops import LAYOUT, example_value, op_name
+from .ops import CASTS, LAYOUT, example_value, op_name
 from .prove_bodies import ProvenLoop
 
-_CASTS = {"to", "type", "float", "half", "bfloat16", "double", "contiguous", "clone"}
-_DROPOUT = {"dropout"}
+_COPIES = CASTS | {"contiguous", "clone"}
 
 
 @dataclasses.dataclass
@@ -36,24 +35,27 @@ def plan_early_scale(loop: ProvenLoop) -> EarlyScale | None:
     product = _product(loop, template)
     if product is None:
         return None
-    y, scale = product.args
-    if scale in template and y not in template or _is_number(y):
-        y, scale = scale, y
-    if not isinstance(y, fx.Node) or y not in template or not isinstance(scale, fx.Node):
+    y, w = product.args
+    return _plan(loop, template, product, y, w) or _plan(loop, template, product, w, y)
+
+
+def _plan(loop: ProvenLoop, template: set[fx.Node], product: fx.Node, y, scale) -> EarlyScale | None:
+    if not (isinstance(y, fx.Node) and y in template and isinstance(scale, fx.Node)):
         return None
-    linear_weights = {g.node: g for g in loop.linears}
+    linears = {g.node: g for g in loop.linears}
     chain, frontier = set(), set()
-    if not _walk(y, template, linear_weights, chain, frontier) or len(frontier) != 1:
+    _walk(y, template, linears, chain, frontier)
+    if len(frontier) != 1:
         return None
     (rows,) = frontier
-    if rows in linear_weights:
-        return None  # a grouped linear with a bias: scaled after it, as traced
-    first = _ancestors_in(scale, template)
-    if rows in first or first & chain or rows is y:
+    if rows is y or rows in linears:  # nothing linear to move past, or a grouped linear with a bias
         return None
+    first = _ancestors_in(scale, template)
+    if rows in first or first & chain:
+        return None  # the scale depends on the expert's own computation
     if any(u not in chain for u in rows.users) or any(u not in chain and u is not product
                                                       for n in chain for u in n.users):
-        return None
+        return None  # a value on the way is also read elsewhere
     values = [example_value(n) for n in (rows, y, scale, product)]
     if any(v is None for v in values) or len({v.dtype for v in values}) != 1:
         return None  # the product in another dtype than its factors: a cast to move too
@@ -66,40 +68,38 @@ def plan_early_scale(loop: ProvenLoop) -> EarlyScale | None:
 def _product(loop: ProvenLoop, template: set[fx.Node]) -> fx.Node | None:
     """The mul that makes the rows added to the accumulator, under casts."""
     node = next(s.source for s in loop.candidate.steps if s.expert == 0)
-    while isinstance(node, fx.Node) and op_name(node) in _CASTS and node in template:
+    while isinstance(node, fx.Node) and op_name(node) in _COPIES and node in template:
         node = node.args[0]
     if isinstance(node, fx.Node) and op_name(node) == "mul" and len(node.args) == 2 and not node.kwargs:
         return node
     return None
 
 
-def _walk(node, template, linears, chain: set, frontier: set) -> bool:
-    """Follow `node` back through ops linear in one body value; that value goes in `frontier`. False when the
-    walk meets a value that is neither (e.g. a bias added)."""
+def _walk(node: fx.Node, template: set[fx.Node], linears: dict, chain: set, frontier: set) -> None:
+    """Follow `node` back through ops linear in their one body input (into `chain`); the values where that stops
+    go into `frontier`."""
     if node in chain:
-        return True
-    name = op_name(node)
+        return
     body_args = [a for a in node.args if isinstance(a, fx.Node) and a in template]
-    body_kwargs = [v for v in node.kwargs.values() if isinstance(v, fx.Node) and v in template]
-    if body_kwargs:
+    if any(isinstance(v, fx.Node) and v in template for v in node.kwargs.values()):
         frontier.add(node)
-        return True
-    if node in linears:
-        linear_in_x = linears[node].biases is None and len(body_args) == 1 and node.args[0] is body_args[0]
+        return
+    name, first_is_body = op_name(node), bool(node.args) and node.args[0] in body_args
+    if node in linears:  # x @ w[e], without a bias
+        linear = linears[node].biases is None and len(body_args) == 1 and first_is_body
     elif name in ("add", "sub"):
-        linear_in_x = len(body_args) == 2 and len(node.args) == 2
-    elif name in ("mul", "truediv"):
-        linear_in_x = (len(body_args) == 1 and node.args[0] is body_args[0] if name == "truediv" else
-                       len(body_args) == 1) and all(_is_number(a) for a in node.args if a is not body_args[0])
-    elif name in _CASTS or name in _DROPOUT or name in LAYOUT:
-        linear_in_x = len(body_args) == 1 and node.args[0] is body_args[0]
-    else:
-        linear_in_x = False
-    if not linear_in_x:
+        linear = len(body_args) == 2 == len(node.args)
+    elif name in ("mul", "truediv"):  # by a constant (LoRA's scaling)
+        linear = (len(body_args) == 1 and (first_is_body or name == "mul")
+                  and all(_is_number(a) for a in node.args if a is not body_args[0]))
+    else:  # casts, dropout, row-wise layout changes
+        linear = name in _COPIES | LAYOUT | {"dropout"} and len(body_args) == 1 and first_is_body
+    if not linear:
         frontier.add(node)
-        return True
+        return
     chain.add(node)
-    return all(_walk(a, template, linears, chain, frontier) for a in body_args)
+    for a in body_args:
+        _walk(a, template, linears, chain, frontier)
 
 
 def _ancestors_in(node: fx.Node, template: set[fx.Node]) -> set[fx.Node]:

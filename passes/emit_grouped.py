@@ -245,7 +245,10 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     fused = _fusable_pairs(loop.linears) if fuse_projections else {}
     projections = []
     early = plan_early_scale(loop)
-    order = loop.template if early is None else early.first + [n for n in loop.template if n not in early.first]
+    order = loop.template
+    if early is not None:  # the routing weight first: the rows are scaled by it as soon as they are computed
+        first = set(early.first)
+        order = early.first + [n for n in loop.template if n not in first]
     for node in order:
         if node in env:
             continue
