@@ -73,14 +73,19 @@ def run(variant: str, layers: int, args) -> dict:
     # graph_moe traces without the fake-tensor cache and turns it on for Inductor (compile.py); plain Inductor on
     # the unrolled bodies gets it throughout, as it would under torch.compile's defaults.
     cache = dict(fake_tensor_cache_enabled=True) if variant == "unrolled" else {}
+    timings = torch._dynamo.utils.compilation_time_metrics
+    timings.clear()
     with graph_moe.capture_settings(), torch._dynamo.config.patch(**cache):
         first = first_step_seconds(model, args)
+        # where the first compile went (torch's dynamo_timed phases: Dynamo's trace, Inductor's codegen and kernel
+        # compiles, the backward's compile), summed per phase; the longest single call of each beside it
+        phases = {name: [round(sum(t), 3), round(max(t), 3)] for name, t in timings.items() if t and sum(t) >= 0.05}
         second = first_step_seconds(model, args)  # the same shapes: no compile, the step itself
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         lengths = [args.tokens + 8 * (i + 1) + i for i in range(args.lengths)]
         length_steps = [first_step_seconds(model, args, n) for n in lengths]
     result = {"variant": variant, "first_step_s": first, "second_step_s": second, "compile_s": first - second,
-              **graph_moe.counter_snapshot()}
+              **graph_moe.counter_snapshot(), "first_compile_phases_s_total_max": phases}
     if lengths:  # one more compile (dynamic shapes) on the first new length, then none
         result.update(lengths=lengths, length_steps_s=length_steps,
                       graphs_compiled_over_lengths=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs)

@@ -67,5 +67,7 @@ def test_bench_compile_time_runs_on_the_cpu(tmp_path):
     assert header["card"] == "cpu" and row["layers"] == 2 and row["variant"] == "graph_moe"
     assert row["loops_rewritten"] >= 1 and row["loops_skipped"] == 0
     assert row["compile_s"] > 0 and len(row["length_steps_s"]) == 3
+    phases = row["first_compile_phases_s_total_max"]  # where the first compile went: Dynamo's trace among them
+    assert 0 < phases["bytecode_tracing"][0] <= row["first_step_s"]
     assert row["graphs_compiled_over_lengths"] <= 1  # regional: one graph serves both layers at every length
     assert "| 2 | graph_moe |" in proc.stdout
