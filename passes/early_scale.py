@@ -57,8 +57,10 @@ def _plan(loop: ProvenLoop, template: set[fx.Node], product: fx.Node, y, scale) 
                                                       for n in chain for u in n.users):
         return None  # a value on the way is also read elsewhere
     values = [example_value(n) for n in (rows, y, scale, product)]
-    if any(v is None for v in values) or len({v.dtype for v in values}) != 1:
-        return None  # the product in another dtype than its factors: a cast to move too
+    if any(v is None for v in values) or values[0].dtype != values[1].dtype or not values[2].dtype.is_floating_point:
+        return None
+    if values[3].dtype != values[1].dtype and not _cast_back(product, values[1].dtype):
+        return None  # a float32 product kept in float32 (DeepSeek's loop adds in float32): scaled after, as traced
     if values[2].dim() != 2 or values[2].shape[-1] != 1 or values[0].dim() != 2:
         return None  # one weight per row, rows of features
     order = {n: i for i, n in enumerate(loop.template)}
@@ -73,6 +75,14 @@ def _product(loop: ProvenLoop, template: set[fx.Node]) -> fx.Node | None:
     if isinstance(node, fx.Node) and op_name(node) == "mul" and len(node.args) == 2 and not node.kwargs:
         return node
     return None
+
+
+def _cast_back(product: fx.Node, dtype) -> bool:
+    """The product (float32: a float32 routing weight) is only read by a cast back to `dtype` (transformers 5.x
+    Mixtral): then h * w cast to h's dtype before the linears rounds as often as y * w cast after them."""
+    users = list(product.users)
+    value = example_value(users[0]) if len(users) == 1 and op_name(users[0]) in CASTS else None
+    return value is not None and value.dtype == dtype
 
 
 def _walk(node: fx.Node, template: set[fx.Node], linears: dict, chain: set, frontier: set) -> None:

@@ -103,6 +103,12 @@ def _stack(b: _Builder, tensors: list[fx.Node], name: str) -> fx.Node:
     return _recompute_in_backward(b.call(torch.ops.graph_moe.stack_weights, list(tensors), name=name))
 
 
+def _cast_like(b: _Builder, value: fx.Node, like: fx.Node) -> fx.Node:
+    """`value` in the dtype `like` had in the traced body."""
+    dtype = example_value(like).dtype
+    return value if example_value(value).dtype == dtype else b.method("to", value, dtype)
+
+
 def _recompute_in_backward(node: fx.Node) -> fx.Node:
     """Tag a copy of per-expert weights (and views of it) to be recomputed in the backward rather than saved.
 
@@ -252,11 +258,12 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     for node in order:
         if node in env:
             continue
-        if early is not None and node is early.product:
-            env[node] = env[early.y]  # its rows were scaled before the linears (early_scale.py)
+        if early is not None and node is early.product:  # its rows were scaled before the linears (early_scale.py)
+            env[node] = _cast_like(b, env[early.y], node)
             continue
         if early is not None and node is early.rows:
-            env[node] = b.call(operator.mul, b.copy(node, env), env[early.scale], name="rows_times_routing_weight")
+            scaled = b.call(operator.mul, b.copy(node, env), env[early.scale], name="rows_times_routing_weight")
+            env[node] = _cast_like(b, scaled, node)
             continue
         if node in linears:
             g = linears[node]

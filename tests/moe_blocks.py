@@ -27,9 +27,11 @@ class Expert(nn.Module):
 class RangeMoE(nn.Module):
     """OLMoE's loop: softmax router, top-k, a range loop over every expert, index_add_."""
 
-    def __init__(self, hidden=16, inter=32, num_experts=4, top_k=2, norm_topk_prob=True, **expert_kw):
+    def __init__(self, hidden=16, inter=32, num_experts=4, top_k=2, norm_topk_prob=True, float32_weights=False,
+                 **expert_kw):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.float32_weights = float32_weights  # routing weights left in float32 (transformers 5.x Mixtral)
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(hidden, inter, **expert_kw) for _ in range(num_experts))
 
@@ -40,7 +42,8 @@ class RangeMoE(nn.Module):
         routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
         if self.norm_topk_prob:
             routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
-        routing_weights = routing_weights.to(hidden_states.dtype)
+        if not self.float32_weights:
+            routing_weights = routing_weights.to(hidden_states.dtype)
         final = torch.zeros_like(hidden_states)
         expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
         for e in range(self.num_experts):

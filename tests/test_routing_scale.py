@@ -87,3 +87,22 @@ def test_a_down_projection_with_bias_is_scaled_after_it():
     assert [r.rewritten for r in rec.reports] == [True]
     assert not [n for g in rec.graphs for n in g.graph.nodes if n.name.startswith("rows_times_routing_weight")]
     assert_close_bf16(out, reference(x), "output")
+
+
+def test_float32_routing_weights_scale_the_rows_in_their_dtype():
+    """transformers 5.x Mixtral keeps the routing weights in float32: y * w is float32, cast back to bf16 when added.
+    Scaled early, h * w is cast back to h's dtype before the down projection; output and gradients as in eager."""
+    torch.manual_seed(4)
+    module = RangeMoE(num_experts=4, top_k=2, hidden=16, inter=32, float32_weights=True).to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    reference = copy.deepcopy(module)
+    rec = Recorder()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = torch.compile(module, backend=rec.backend)(x1), reference(x2)
+    assert [r.rewritten for r in rec.reports] == [True]
+    assert [n for g in rec.graphs for n in g.graph.nodes if n.name.startswith("rows_times_routing_weight")]
+    assert_close_bf16(out, ref, "output")
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    assert_close_bf16(x1.grad, x2.grad, "input grad")
+    assert_close_bf16(module.gate.weight.grad, reference.gate.weight.grad, "router grad")
