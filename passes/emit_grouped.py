@@ -219,12 +219,10 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     ids_val = example_value(ids)
     # Routing: sort the (token, slot) pairs by expert.
     flat_ids = b.method("reshape", ids, -1, name="flat_expert_ids")
-    sort = b.call(torch.sort, flat_ids, stable=True, name="sort_by_expert")
-    sorted_ids = b.call(operator.getitem, sort, 0, name="sorted_expert_ids")
-    token_order = b.call(operator.getitem, sort, 1, name="token_order")
+    rows = b.size(flat_ids, 0)
+    sorted_ids, token_order = _sort_by_expert(b, flat_ids, rows, cand.num_experts)
     experts = b.call(torch.arange, cand.num_experts, device=ids_val.device, name="expert_range")
     offsets = b.call(torch.searchsorted, sorted_ids, experts, right=True, out_int32=True, name="expert_offsets")
-    rows = b.size(flat_ids, 0)
     align = _row_alignment(loop)
     slot_of_row, grouped_offsets, padded_rows = _aligned_groups(b, sorted_ids, token_order, offsets, rows,
                                                                  cand.num_experts, align)
@@ -331,6 +329,34 @@ def _row_alignment(loop: ProvenLoop) -> int:
     trained = any(getattr(example_value(w), "requires_grad", False) for g in loop.linears for w in g.weights)
     sizes = [example_value(g.node.args[0]).dtype.itemsize for g in loop.linears]
     return max(1, 16 // min(sizes)) if trained and sizes else 1
+
+
+# Inductor sorts at most this many elements with a Triton bitonic sort of its own (ir.Sort.create), longer or
+# dynamic-length sorts with ATen's; that Triton kernel took 7 of a layer's 28 s to compile (H200, 64 tokens, top-8).
+_INDUCTOR_TRITON_SORT_MAX = 512
+
+
+def _sort_by_expert(b: _Builder, flat_ids: fx.Node, rows, num_experts: int):
+    """(sorted expert ids, token order): a stable sort of the (token, slot) pairs by expert.
+
+    The keys are int16 where the expert count fits: ATen's radix sort makes one pass per key byte, 2 instead of 8.
+    A short static-length sort gets sentinel ids (num_experts, after every expert: stable, so they sort last) past
+    Inductor's Triton-sort limit, and the first `rows` results are kept: ATen's sort, a kernel less to compile."""
+    narrow = num_experts < torch.iinfo(torch.int16).max
+    keys = b.method("to", flat_ids, torch.int16, name="expert_keys") if narrow else flat_ids
+    padded = isinstance(rows, int) and rows <= _INDUCTOR_TRITON_SORT_MAX
+    if padded:
+        pad = b.method("new_full", keys, (_INDUCTOR_TRITON_SORT_MAX + 1 - rows,), num_experts, name="sort_sentinels")
+        keys = b.call(torch.cat, [keys, pad], name="padded_expert_keys")
+    sort = b.call(torch.sort, keys, stable=True, name="sort_by_expert")
+    sorted_ids = b.call(operator.getitem, sort, 0, name="sorted_expert_ids")
+    token_order = b.call(operator.getitem, sort, 1, name="token_order")
+    if padded:
+        sorted_ids = b.call(operator.getitem, sorted_ids, slice(0, rows), name="sorted_expert_ids")
+        token_order = b.call(operator.getitem, token_order, slice(0, rows), name="token_order")
+    if narrow:  # back to the ids' dtype: searchsorted and indexing take them
+        sorted_ids = b.method("to", sorted_ids, example_value(flat_ids).dtype, name="sorted_expert_ids")
+    return sorted_ids, token_order
 
 
 def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_experts: int, align: int):

@@ -55,7 +55,8 @@ def loss_and_grads(model, ids, **kwargs):
     return out.logits.detach(), split_stacked_experts(split_stacked(grads), model)
 
 
-def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True, grouped_per_loop=2, eval_mode=False):
+def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True, grouped_per_loop=2, eval_mode=False,
+                          seq_len=7):
     """graph_moe.compile(model) installs `blocks` MoE blocks, rewrites `loops` loops (default: 1 regional,
     `blocks` whole) with `grouped_per_loop` grouped GEMMs each and no index_add_ left, and logits and every
     gradient equal an untouched eager copy's on fresh random tokens. Returns the Keep with the graphs."""
@@ -67,7 +68,7 @@ def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True,
     report = model._graph_moe_install_report
     assert report.num_installed == blocks, str(report)
     assert all(isinstance(b.num_experts, int) and isinstance(b.top_k, int) for b in report.blocks), str(report)
-    ids = torch.randint(0, vocab, (2, 7))
+    ids = torch.randint(0, vocab, (2, seq_len))
     ref_logits, ref_grads = loss_and_grads(reference, ids)
     logits, grads = loss_and_grads(model, ids)
     loops = loops if loops is not None else (1 if regional else blocks)

@@ -91,3 +91,16 @@ def test_stack_weights_is_a_valid_custom_op():
     assert torch.equal(stacked, torch.stack(weights))
     (stacked * torch.arange(3.0)[:, None, None]).sum().backward()
     assert all(torch.equal(w.grad, torch.full_like(w, e)) for e, w in enumerate(weights))
+
+
+def test_the_routing_sort_has_int16_keys_and_a_short_one_is_padded_past_inductors_triton_sort():
+    """The routing sort's keys are int16 (a radix sort makes a pass per key byte). Inductor compiles its own Triton
+    sort for static sorts of at most 512 elements (seconds of compile on a GPU); the pass pads a short routing sort
+    with sentinel ids to 513 so Inductor calls ATen's sort, and keeps the first rows: logits and gradients as in
+    eager. Longer sorts are left as they are."""
+    for seq_len, sorted_length in ((7, 513), (200, 2 * 200 * 2)):  # batch 2, top-2
+        counters.clear()
+        keep = check_model_rewritten(build("qwen3_moe", layers=1, experts=8), blocks=1, seq_len=seq_len)
+        sorts = [n for g in keep.graphs for n in g.graph.nodes if n.target is torch.sort]
+        keys = [n.args[0].meta["example_value"] for n in sorts]
+        assert [(k.shape[0], k.dtype) for k in keys] == [(sorted_length, torch.int16)]
