@@ -26,10 +26,21 @@ SHAPES = {  # name: (experts, top_k, hidden, intermediate)
 }
 
 
-def _cuda_time(fn, warmup=3, iters=10) -> float:
+def _cuda_time(fn, warmup=3, iters=10, back_to_back=False) -> float:
+    """ms per call of `fn`: the median of `iters` calls, each waited for (a lone layer: host time counts where the
+    host is slower than the GPU); or, `back_to_back`, the mean of `iters` calls issued without waiting, as the
+    layers of a deep model are (the host runs ahead while it is faster than the GPU: GPU time)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if back_to_back:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -229,7 +240,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 refs["qlora"] = qlora_block(x)[0]
             row = {"shape": name, "tokens": tokens, "roofline_fwd_ms": roofline_ms(shape, tokens, ceilings),
                    "roofline_fwd_bwd_ms": roofline_ms(shape, tokens, ceilings, backward=True)}
-            for vname, fn in variants.items():
+            steps = {}
+            for vname, fn in variants.items():  # compile (first calls), check, peak memory
                 counters.clear()
                 t0 = time.perf_counter()
                 out = fn(x)
@@ -237,30 +249,50 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 row[f"{vname}_first_call_s"] = time.perf_counter() - t0
                 ref = refs[vname.rsplit("_", 1)[-1] if vname.endswith("lora") else ""]
                 row[f"{vname}_max_diff"] = (out.float() - ref.float()).abs().max().item()
-                row[f"{vname}_fwd_ms"] = _cuda_time(lambda: fn(x))
-                xg = x.clone().requires_grad_()
-                grad = torch.randn_like(x)
-
+                del out
                 modules = [m for m in (lora_block, qlora_block, getattr(fn, "module", None)) if m is not None]
-                trainable = [q for m in modules for q in m.parameters() if q.requires_grad]
-
-                def fwd_bwd():
-                    xg.grad = None
-                    for q in trainable:  # as optimizer.zero_grad(set_to_none=True) does in a training step
-                        q.grad = None
-                    fn(xg).backward(grad)
-
+                steps[vname] = _steps(fn, x, [q for m in modules for q in m.parameters() if q.requires_grad])
+                steps[vname]["fwd_bwd"]()  # compiles the backward
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                row[f"{vname}_fwd_bwd_ms"] = _cuda_time(fwd_bwd)
+                steps[vname]["fwd_bwd"]()
                 row[f"{vname}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 if vname.startswith("graph_moe"):
                     row[f"{vname}_loops_rewritten"] = int(counters["graph_moe"]["loops_rewritten"])
+                progress.update()
+            # Timed in interleaved rounds: one variant's time moved by 10-20% between runs on one card kind (clocks,
+            # neighbours), so variants timed one after the other would compare different conditions.
+            samples: dict[str, list[float]] = {}
+            for _ in range(ROUNDS):
+                for vname, step in steps.items():
+                    for kind, fn_ in step.items():
+                        for suffix, b2b in (("", False), ("_back_to_back", True)):
+                            samples.setdefault(f"{vname}_{kind}_ms{suffix}", []).append(
+                                _cuda_time(fn_, warmup=1, iters=5, back_to_back=b2b))
+            row.update({key: sorted(v)[len(v) // 2] for key, v in samples.items()})
+            for vname in steps:
                 log.info("%s %d tokens %s: fwd %.3f ms, fwd+bwd %.3f ms", name, tokens, vname,
                          row[f"{vname}_fwd_ms"], row[f"{vname}_fwd_bwd_ms"])
-                progress.update()
             results.append(row)
         progress.close()
     return [{"card": torch.cuda.get_device_name(), "torch": torch.__version__, **ceilings}] + results
+
+
+ROUNDS = 5  # timing rounds over all variants
+
+
+def _steps(fn, x, trainable) -> dict:
+    """A forward (no input gradient) and a forward+backward of `fn` on `x`, gradients reset as in training."""
+    xg = x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+
+    def fwd_bwd():
+        xg.grad = None
+        for q in trainable:  # as optimizer.zero_grad(set_to_none=True) does in a training step
+            q.grad = None
+        fn(xg).backward(grad)
+
+    return {"fwd": lambda: fn(x), "fwd_bwd": fwd_bwd}
 
 
 def _try(make, block):
@@ -275,13 +307,17 @@ def _try(make, block):
 def table(results) -> str:
     head, rows = results[0], results[1:]
     lines = [f"{head['card']}, torch {head['torch']}, bf16 GEMM {head['tflops']:.0f} TFLOP/s, "
-             f"copy {head['copy_tbps']:.2f} TB/s; ms per MoE layer, forward / forward+backward (frozen experts)",
-             "| shape | tokens | roofline | " + " | ".join(v for v in _variants(rows)) + " |",
-             "|---|---|---|" + "---|" * len(_variants(rows))]
-    for r in rows:
-        cells = [f"{r[v + '_fwd_ms']:.2f} / {r[v + '_fwd_bwd_ms']:.2f}" for v in _variants(rows)]
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['roofline_fwd_ms']:.2f} / {r['roofline_fwd_bwd_ms']:.2f} | "
-                     + " | ".join(cells) + " |")
+             f"copy {head['copy_tbps']:.2f} TB/s; ms per MoE layer, forward / forward+backward (frozen experts)"]
+    for suffix, title in (("", "each call waited for"), ("_back_to_back", "calls issued back to back, as a deep model's layers")):
+        if not all(f"{v}_fwd_ms{suffix}" in rows[0] for v in _variants(rows)):
+            continue
+        lines += ["", title,
+                  "| shape | tokens | roofline | " + " | ".join(v for v in _variants(rows)) + " |",
+                  "|---|---|---|" + "---|" * len(_variants(rows))]
+        for r in rows:
+            cells = [f"{r[f'{v}_fwd_ms{suffix}']:.2f} / {r[f'{v}_fwd_bwd_ms{suffix}']:.2f}" for v in _variants(rows)]
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['roofline_fwd_ms']:.2f} / {r['roofline_fwd_bwd_ms']:.2f} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
