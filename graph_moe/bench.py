@@ -3,7 +3,8 @@
 
 Per shape (E, top-k, hidden, intermediate) and token count: forward, and forward+backward with frozen
 experts (gradient for the input), in bf16; the roofline from this card's measured GEMM rate and copy
-bandwidth. Results: a table on stdout and every number in a JSON file.
+bandwidth. Every variant is compiled first, then timed in interleaved rounds, each call both waited for and issued
+back to back (see `_cuda_time`). Results: a table on stdout and every number in a JSON file.
 """
 
 from __future__ import annotations
