@@ -10,10 +10,10 @@
         torch._grouped_mm(rows, stacked_weight.transpose(-2, -1), offs=grouped_offsets)
         (x @ stack[e] with an (E, in, out) stack: torch._grouped_mm(rows, stack, offs=...), no transpose),
         each per-expert element-wise operand (a bias added after x @ w[e]) as stack[sorted_expert_ids]
-    combined = scatter rows back to (token, slot) order, .unflatten(0, (-1, K)), slot 0 + slot 1 + ... + slot K-1
+    combined = unsort_rows(rows, row_of_slot, slot_of_row).unflatten(0, (-1, K)), slot 0 + ... + slot K-1
 
-The combine un-permutes and adds the k slots: a scatter with unique indices (the padding rows onto one extra row,
-cut off) and k - 1 elementwise adds (one fused kernel), no atomics.
+The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, passes/unsort_op.py)
+and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
@@ -31,7 +31,7 @@ from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, cou
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
+from . import grouped_op, stack_op, unsort_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm, .stack_weights, .unsort_rows)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
@@ -226,6 +226,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     align = _row_alignment(loop)
     slot_of_row, grouped_offsets, padded_rows = _aligned_groups(b, sorted_ids, token_order, offsets, rows,
                                                                  cand.num_experts, align)
+    row_of_slot = _inverse(b, slot_of_row, token_order, rows)
     k = b.size(ids, 1)
     token_dim = cand.mask_dims[1 + loop.token_output]  # the ids dim that indexes accumulator rows
     names = ("token_index", "slot_index") if token_dim == 0 else ("slot_index", "token_index")
@@ -291,14 +292,9 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
         env[node] = b.copy(node, env)
 
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
-    # Back to (token, slot) order by a scatter with unique indices (padding rows all land on one extra row, cut
-    # off): no atomics forward, and its gradient is a gather (an index_select here would put an atomic index_add
-    # in the backward).
-    shape = [b.call(operator.add, rows, 1) if isinstance(rows, fx.Node) else rows + 1] + [
-        b.size(rows_out, d) for d in range(1, example_value(rows_out).dim())]
-    by_token = b.method("index_put", b.method("new_empty", rows_out, shape, name="rows_by_token_empty"),
-                        (slot_of_row,), rows_out, name="rows_by_token")
-    by_token = b.method("narrow", by_token, 0, 0, rows, name="rows_by_token_real")
+    # Back to (token, slot) order by a gather whose gradient is a gather too (passes/unsort_op.py): fused with the
+    # slot adds, no atomics either way.
+    by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
     if isinstance(k, int) and 1 < k <= 16:
         # The k slots added as k slices: one coalesced elementwise kernel. Inductor's reduction over the middle dim
@@ -357,6 +353,18 @@ def _sort_by_expert(b: _Builder, flat_ids: fx.Node, rows, num_experts: int):
     if narrow:  # back to the ids' dtype: searchsorted and indexing take them
         sorted_ids = b.method("to", sorted_ids, example_value(flat_ids).dtype, name="sorted_expert_ids")
     return sorted_ids, token_order
+
+
+def _inverse(b: _Builder, slot_of_row, token_order, rows):
+    """For each flat (token, slot) index, the grouped row that holds it: slot_of_row inverted (a scatter of row
+    numbers; the padding rows, whose slot is `rows`, land on one extra entry, cut off)."""
+    device = example_value(token_order).device
+    padded_rows = b.size(slot_of_row, 0)
+    row_numbers = b.call(torch.arange, padded_rows, device=device, name="grouped_row")
+    extra = b.call(operator.add, rows, 1) if isinstance(rows, fx.Node) else rows + 1
+    inverse = b.method("index_put", b.call(torch.empty, extra, dtype=torch.int64, device=device, name="row_of_slot_empty"),
+                       (slot_of_row,), row_numbers, name="row_of_slot_padded")
+    return b.method("narrow", inverse, 0, 0, rows, name="row_of_slot")
 
 
 def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_experts: int, align: int):

@@ -1,0 +1,70 @@
+"""The combine: the grouped rows go back to (token, slot) order by a gather fused with the slot adds, and its
+gradient is a gather too (graph_moe::unsort_rows), checked in the graphs AOTAutograd gives Inductor."""
+
+from __future__ import annotations
+
+import torch
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
+
+import graph_moe
+from graph_moe.passes.unsort_op import unsort_rows
+from helpers import assert_close_bf16, loss_and_grads
+from tiny_models import build
+
+
+def _aot_graphs(graphs):
+    """An inner compiler that runs AOTAutograd and keeps its forward and backward graphs."""
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return lambda gm, example_inputs, **kw: aot_module_simplified(gm, example_inputs, fw_compiler=keep,
+                                                                 bw_compiler=keep)
+
+
+def _index_puts(graph):
+    return [n for n in graph.graph.nodes if n.target in (torch.ops.aten.index_put.default,
+                                                         torch.ops.aten.index_put_.default)]
+
+
+def test_the_combine_is_a_gather_both_ways():
+    """Full fine-tuning (each expert's rows padded to 8, so padding rows exist): logits and every gradient as in
+    eager. The forward writes no rows by index_put (only int64 row and slot numbers); the
+    backward scatter-adds nothing the size of the rows (only the input's gradient over tokens)."""
+    batch, seq, top_k = 2, 9, 2
+    model = build("qwen3_moe", layers=1, experts=8)
+    reference = build("qwen3_moe", layers=1, experts=8)
+    reference.load_state_dict(model.state_dict())
+    graphs = []
+    graph_moe.compile(model, inner=_aot_graphs(graphs))
+    ids = torch.randint(0, 64, (batch, seq))
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    logits, grads = loss_and_grads(model, ids)
+    assert_close_bf16(logits, ref_logits, "logits")
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+    forward, backward = graphs[-2:]
+    assert not any("unsort_rows" in str(n.target) for g in graphs for n in g.graph.nodes)  # traced into
+    assert {n.meta["val"].dtype for n in _index_puts(forward)} == {torch.int64}  # row and slot numbers only
+    slots = batch * seq * top_k
+    scatter_adds = [n for n in _index_puts(backward) if n.args[3:4] == (True,) or n.kwargs.get("accumulate")]
+    assert all(n.meta["val"].shape[0] < slots for n in scatter_adds), [n.meta["val"].shape for n in scatter_adds]
+
+
+def test_unsort_rows_gradient_skips_padding_rows():
+    """On fresh random rows: the forward gathers rows by slot; the gradient of a row is its slot's gradient, and
+    zero for padding rows (slot index past the end). opcheck covers the fake kernel and autograd registration."""
+    slots, padding = 11, 3
+    perm = torch.randperm(slots + padding)
+    slot_of_row = torch.where(perm < slots, perm, slots)  # rows whose perm value >= slots are padding
+    row_of_slot = torch.argsort(perm)[:slots]
+    rows = torch.randn(slots + padding, 5, requires_grad=True)
+    torch.library.opcheck(unsort_rows, (rows, row_of_slot, slot_of_row))
+    out = unsort_rows(rows, row_of_slot, slot_of_row)
+    assert torch.equal(out, rows[row_of_slot])
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected = torch.zeros_like(rows)
+    expected[row_of_slot] = grad
+    assert torch.equal(rows.grad, expected)
