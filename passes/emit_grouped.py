@@ -12,7 +12,7 @@
         each per-expert element-wise operand (a bias added after x @ w[e]) as stack[sorted_expert_ids]
     combined = unsort_rows(rows, row_of_slot, slot_of_row).unflatten(0, (-1, K)), slot 0 + ... + slot K-1
 
-The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, passes/unsort_op.py)
+The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, passes/row_order.py)
 and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
@@ -31,7 +31,7 @@ from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, cou
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import grouped_op, stack_op, unsort_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm, .stack_weights, .unsort_rows)
+from . import grouped_op, row_order, stack_op  # noqa: F401  (register the torch.ops.graph_moe ops)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
@@ -257,6 +257,11 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     for node in order:
         if node in env:
             continue
+        if token_dim == 0 and isinstance(k, int) and _gathers_token_rows(node, loop):
+            # x[top_x]: a gather whose gradient adds each token's k rows by gathering them (row_order.py)
+            env[node] = b.call(torch.ops.graph_moe.gather_token_rows, node.args[0], env[node.args[1]], row_of_slot, k,
+                               name="token_rows")
+            continue
         if early is not None and node is early.product:  # its rows were scaled before the linears (early_scale.py)
             env[node] = _cast_like(b, env[early.y], node)
             continue
@@ -292,7 +297,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
         env[node] = b.copy(node, env)
 
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
-    # Back to (token, slot) order by a gather whose gradient is a gather too (passes/unsort_op.py): fused with the
+    # Back to (token, slot) order by a gather whose gradient is a gather too (passes/row_order.py): fused with the
     # slot adds, no atomics either way.
     by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
@@ -315,6 +320,15 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                          f"combined rows {tuple(comb_val.shape)} {comb_val.dtype}")
     result = combined if op_name(acc) in ZERO_FACTORIES else b.call(operator.add, acc, combined, name="moe_output")
     return result, projections
+
+
+def _gathers_token_rows(node: fx.Node, loop: ProvenLoop) -> bool:
+    """x[top_x] with x (tokens, hidden) from outside the body and top_x the token coordinate torch.where gave."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2):
+        return False
+    src, index = node.args
+    return (isinstance(src, fx.Node) and isinstance(index, fx.Node) and loop.coords.get(index) == loop.token_output
+            and src not in loop.template and example_value(src).dim() == 2 and example_value(node).dim() == 2)
 
 
 def _row_alignment(loop: ProvenLoop) -> int:

@@ -1,5 +1,6 @@
-"""The combine: the grouped rows go back to (token, slot) order by a gather fused with the slot adds, and its
-gradient is a gather too (graph_moe::unsort_rows), checked in the graphs AOTAutograd gives Inductor."""
+"""Rows between token order and expert order (passes/row_order.py): the tokens' rows are gathered into expert order
+and the grouped rows gathered back to (token, slot) order, and each gather's gradient is a gather too (no atomic
+scatter-add of rows), checked in the graphs AOTAutograd gives Inductor and against eager."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import graph_moe
-from graph_moe.passes.unsort_op import unsort_rows
+from graph_moe.passes.row_order import gather_token_rows, unsort_rows
 from helpers import assert_close_bf16, loss_and_grads
 from tiny_models import build
 
@@ -28,10 +29,10 @@ def _index_puts(graph):
                                                          torch.ops.aten.index_put_.default)]
 
 
-def test_the_combine_is_a_gather_both_ways():
+def test_rows_move_by_gathers_both_ways():
     """Full fine-tuning (each expert's rows padded to 8, so padding rows exist): logits and every gradient as in
-    eager. The forward writes no rows by index_put (only int64 row and slot numbers); the
-    backward scatter-adds nothing the size of the rows (only the input's gradient over tokens)."""
+    eager. The forward writes no rows by index_put (only int64 row and slot numbers); the backward scatter-adds no
+    rows either (the only scatter-add left is the routing weights' gradient, tokens x top-k)."""
     batch, seq, top_k = 2, 9, 2
     model = build("qwen3_moe", layers=1, experts=8)
     reference = build("qwen3_moe", layers=1, experts=8)
@@ -45,11 +46,11 @@ def test_the_combine_is_a_gather_both_ways():
     for name in ref_grads:
         assert_close_bf16(grads[name], ref_grads[name], name)
     forward, backward = graphs[-2:]
-    assert not any("unsort_rows" in str(n.target) for g in graphs for n in g.graph.nodes)  # traced into
+    row_ops = ("gather_token_rows", "unsort_rows")
+    assert not any(op in str(n.target) for g in graphs for n in g.graph.nodes for op in row_ops)  # traced into
     assert {n.meta["val"].dtype for n in _index_puts(forward)} == {torch.int64}  # row and slot numbers only
-    slots = batch * seq * top_k
     scatter_adds = [n for n in _index_puts(backward) if n.args[3:4] == (True,) or n.kwargs.get("accumulate")]
-    assert all(n.meta["val"].shape[0] < slots for n in scatter_adds), [n.meta["val"].shape for n in scatter_adds]
+    assert [tuple(n.meta["val"].shape)[:2] for n in scatter_adds] == [(batch * seq, top_k)]  # routing_weights[top_x, idx]
 
 
 def test_unsort_rows_gradient_skips_padding_rows():
@@ -68,3 +69,22 @@ def test_unsort_rows_gradient_skips_padding_rows():
     expected = torch.zeros_like(rows)
     expected[row_of_slot] = grad
     assert torch.equal(rows.grad, expected)
+
+
+def test_gather_token_rows_gradient_adds_each_tokens_slots():
+    """On fresh random tokens: each row reads its token; a token's gradient is the sum of its k slots' rows'
+    gradients (the padding rows, named by no slot, add nothing)."""
+    tokens, k, padding = 5, 3, 4
+    slots = tokens * k
+    perm = torch.randperm(slots + padding)
+    row_of_slot = torch.argsort(perm)[:slots]  # slot q lives in row row_of_slot[q]
+    token_of_row = torch.where(perm < slots, perm // k, 0)  # padding rows read token 0
+    x = torch.randn(tokens, 6, requires_grad=True)
+    torch.library.opcheck(gather_token_rows, (x, token_of_row, row_of_slot, k))
+    rows = gather_token_rows(x, token_of_row, row_of_slot, k)
+    assert torch.equal(rows, x[token_of_row])
+    grad = torch.randn_like(rows)
+    rows.backward(grad)
+    real = perm < slots
+    expected = torch.zeros_like(x).index_add_(0, token_of_row[real], grad[real])
+    torch.testing.assert_close(x.grad, expected)

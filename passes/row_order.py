@@ -1,0 +1,96 @@
+"""Rows between token order and expert order: two gathers, each the other's gradient, so neither direction has an
+atomic scatter-add.
+
+The grouped GEMMs read the tokens' rows sorted by expert (each token k times, once per slot; padded per expert when
+adapters train) and give rows in that order; the combine needs them back by (token, slot) to add each token's k
+slots. As plain indexing, each gather's gradient is an index_put with accumulate (an atomic scatter-add into zeros):
+the input gradient (tokens x hidden) from the rows, and the rows' gradient from the combine. Written as a scatter,
+the combine's gradient became a gather, but its forward wrote and read the (tokens * k, hidden) rows once more (0.26
+ms at the Qwen3-30B-A3B shape, 16384 tokens, H200). The indices are a bijection between real rows and (token, slot)
+slots, so the gradient of either gather is a gather too:
+
+    gather_token_rows(x, token_of_row, row_of_slot, k)   x[token_of_row];  gradient: for each token, its k slots' rows
+                                                          gathered by row_of_slot and added
+    unsort_rows(rows, row_of_slot, slot_of_row)          rows[row_of_slot]; gradient: grad[slot_of_row], zero for
+                                                          padding rows
+
+Each is a custom op with the gradient registered here, whose body AOTAutograd traces into (as
+`torch.library.triton_op` does), so Inductor sees plain torch ops and fuses them with their neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+
+def _traced_into(op, body):
+    """`body` as the op's fake kernel and as what AOTAutograd records below autograd (after the gradient above)."""
+    op.register_fake(body)
+
+    @op.register_torch_dispatch(FunctionalTensorMode)
+    def _decompose(mode, _op, types, args, kwargs):
+        with mode:
+            return body(*args, **kwargs)
+
+
+def _add_slots(rows: Tensor, k: int) -> Tensor:
+    """(tokens * k, ...) rows in (token, slot) order -> (tokens, ...): slot 0 + ... + slot k-1, as slices (one
+    coalesced elementwise kernel; Inductor adds bf16 slices in fp32 and rounds once)."""
+    by_slot = rows.unflatten(0, (-1, k))
+    total = by_slot.select(1, 0)
+    for j in range(1, k):
+        total = total + by_slot.select(1, j)
+    return total
+
+
+def _gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: int) -> Tensor:
+    return x[token_of_row]
+
+
+@torch.library.custom_op("graph_moe::gather_token_rows", mutates_args=())
+def gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: int) -> Tensor:
+    """x[token_of_row]: each grouped row's token. row_of_slot[t * k + j] is the row of token t's slot j (the rows
+    no slot names, padding, read some token and get no gradient)."""
+    return _gather_token_rows(x, token_of_row, row_of_slot, k)
+
+
+def _gather_token_rows_backward(ctx, grad):
+    (row_of_slot,) = ctx.saved_tensors
+    return _add_slots(grad[row_of_slot], ctx.k), None, None, None
+
+
+def _gather_token_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.k = inputs[3]
+
+
+gather_token_rows.register_autograd(_gather_token_rows_backward, setup_context=_gather_token_rows_setup)
+_traced_into(gather_token_rows, _gather_token_rows)
+
+
+def _unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor) -> Tensor:
+    return rows[row_of_slot]
+
+
+@torch.library.custom_op("graph_moe::unsort_rows", mutates_args=())
+def unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor) -> Tensor:
+    """rows[row_of_slot]: (slots, *row) from (rows, *row). slot_of_row[p] is the slot that reads row p, or
+    `slots` (past the end) for a padding row no slot reads."""
+    return _unsort_rows(rows, row_of_slot, slot_of_row)
+
+
+def _unsort_rows_backward(ctx, grad):
+    (slot_of_row,) = ctx.saved_tensors
+    slots = grad.shape[0]
+    read = (slot_of_row < slots).view(-1, *[1] * (grad.dim() - 1))
+    return torch.where(read, grad[slot_of_row.clamp_max(slots - 1)], 0), None, None
+
+
+def _unsort_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+
+
+unsort_rows.register_autograd(_unsort_rows_backward, setup_context=_unsort_rows_setup)
+_traced_into(unsort_rows, _unsort_rows)
