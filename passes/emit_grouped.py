@@ -226,7 +226,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     align = _row_alignment(loop)
     slot_of_row, grouped_offsets, padded_rows = _aligned_groups(b, sorted_ids, token_order, offsets, rows,
                                                                  cand.num_experts, align)
-    row_of_slot = _inverse(b, slot_of_row, token_order, rows)
+    row_of_slot = _inverse(b, slot_of_row, rows)
     k = b.size(ids, 1)
     token_dim = cand.mask_dims[1 + loop.token_output]  # the ids dim that indexes accumulator rows
     names = ("token_index", "slot_index") if token_dim == 0 else ("slot_index", "token_index")
@@ -369,10 +369,10 @@ def _sort_by_expert(b: _Builder, flat_ids: fx.Node, rows, num_experts: int):
     return sorted_ids, token_order
 
 
-def _inverse(b: _Builder, slot_of_row, token_order, rows):
+def _inverse(b: _Builder, slot_of_row, rows):
     """For each flat (token, slot) index, the grouped row that holds it: slot_of_row inverted (a scatter of row
     numbers; the padding rows, whose slot is `rows`, land on one extra entry, cut off)."""
-    device = example_value(token_order).device
+    device = example_value(slot_of_row).device
     padded_rows = b.size(slot_of_row, 0)
     row_numbers = b.call(torch.arange, padded_rows, device=device, name="grouped_row")
     extra = b.call(operator.add, rows, 1) if isinstance(rows, fx.Node) else rows + 1
