@@ -27,6 +27,9 @@ SHAPES = {  # name: (experts, top_k, hidden, intermediate)
 }
 
 
+ROUNDS = 5  # timing rounds over all variants (run)
+
+
 def _cuda_time(fn, warmup=3, iters=10, back_to_back=False) -> float:
     """ms per call of `fn`: the median of `iters` calls, each waited for (a lone layer: host time counts where the
     host is slower than the GPU); or, `back_to_back`, the mean of `iters` calls issued without waiting, as the
@@ -277,9 +280,6 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
             results.append(row)
         progress.close()
     return [{"card": torch.cuda.get_device_name(), "torch": torch.__version__, **ceilings}] + results
-
-
-ROUNDS = 5  # timing rounds over all variants
 
 
 def _steps(fn, x, trainable) -> dict:

@@ -19,7 +19,6 @@ Every new node gets an `example_value`, computed on the graph's fake tensors.
 
 from __future__ import annotations
 
-import functools
 import operator
 import os
 import re
@@ -31,8 +30,9 @@ from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, cou
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import grouped_op, row_order, stack_op  # noqa: F401  (register the torch.ops.graph_moe ops)
+from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
+from .row_order import add_slots
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
 from .early_scale import plan_early_scale
@@ -301,14 +301,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     # slot adds, no atomics either way.
     by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
-    if isinstance(k, int) and 1 < k <= 16:
-        # The k slots added as k slices: one coalesced elementwise kernel. Inductor's reduction over the middle dim
-        # of (tokens, k, hidden) read at a fifth of the copy bandwidth (0.63 of 3.5 ms at Qwen3-30B-A3B, 16384
-        # tokens, H200). Inductor adds bf16 slices in fp32 and rounds once, as the sum did.
-        slots = [b.method("select", by_token, 1 - token_dim, j, name=f"slot_{j}_rows") for j in range(k)]
-        combined = functools.reduce(lambda total, slot: b.call(operator.add, total, slot), slots)
-    else:
-        combined = b.method("sum", by_token, 1 - token_dim, name="expert_output")
+    combined = b.call(add_slots, by_token, 1 - token_dim, name="expert_output")
 
     acc = cand.accumulator
     acc_val, comb_val = example_value(acc), example_value(combined)

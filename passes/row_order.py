@@ -35,13 +35,17 @@ def _traced_into(op, body):
             return body(*args, **kwargs)
 
 
-def _add_slots(rows: Tensor, k: int) -> Tensor:
-    """(tokens * k, ...) rows in (token, slot) order -> (tokens, ...): slot 0 + ... + slot k-1, as slices (one
-    coalesced elementwise kernel; Inductor adds bf16 slices in fp32 and rounds once)."""
-    by_slot = rows.unflatten(0, (-1, k))
-    total = by_slot.select(1, 0)
+def add_slots(by_slot: Tensor, dim: int) -> Tensor:
+    """Each token's k slots added: by_slot holds them along `dim`. Up to 16 slots as k slices (one coalesced
+    elementwise kernel; Inductor adds bf16 slices in fp32 and rounds once, as a sum does): Inductor's reduction over
+    the middle dim of (tokens, k, hidden) read at a fifth of the copy bandwidth (0.63 of 3.5 ms at Qwen3-30B-A3B,
+    16384 tokens, H200)."""
+    k = by_slot.shape[dim]
+    if not (isinstance(k, int) and 1 < k <= 16):
+        return by_slot.sum(dim)
+    total = by_slot.select(dim, 0)
     for j in range(1, k):
-        total = total + by_slot.select(1, j)
+        total = total + by_slot.select(dim, j)
     return total
 
 
@@ -58,7 +62,7 @@ def gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: i
 
 def _gather_token_rows_backward(ctx, grad):
     (row_of_slot,) = ctx.saved_tensors
-    return _add_slots(grad[row_of_slot], ctx.k), None, None, None
+    return add_slots(grad[row_of_slot].unflatten(0, (-1, ctx.k)), 1), None, None, None
 
 
 def _gather_token_rows_setup(ctx, inputs, output):
