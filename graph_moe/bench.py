@@ -200,7 +200,7 @@ def unsloth_block(block):
 
 
 def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None,
-        unsloth=False, only=None) -> list[dict]:
+        unsloth=False, only=None, autotune=False) -> list[dict]:
     from torch._dynamo.utils import counters
     from tqdm import tqdm
 
@@ -217,6 +217,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         variants = {"grouped_eager": grouped_reference(block)}
         variants["grouped_compiled"] = torch.compile(variants["grouped_eager"], fullgraph=True)
         variants["graph_moe"] = graph_moe_block(block, mode)
+        if autotune:  # Inductor's Triton GEMM templates (torch._grouped_mm's included) against ATen's, benchmarked
+            variants["graph_moe_autotune"] = graph_moe_block(block, "max-autotune-no-cudagraphs")
         if stacked:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
@@ -352,6 +354,8 @@ def main(argv=None) -> int:
     p.add_argument("--unsloth", action="store_true", help="also unsloth-zoo's grouped forward (needs unsloth)")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")
+    p.add_argument("--autotune", action="store_true",
+                   help="also graph_moe with mode='max-autotune-no-cudagraphs' (Triton GEMM templates; slow compile)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -359,7 +363,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
                   qlora=args.qlora, mode=args.mode, unsloth=args.unsloth,
-                  only=args.only)
+                  only=args.only, autotune=args.autotune)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}
