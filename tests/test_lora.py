@@ -69,6 +69,33 @@ def test_gate_and_up_lora_a_factors_share_one_grouped_gemm():
         assert_close_bf16(grads[name], ref_grads[name], name)
 
 
+def test_lora_scaling_is_applied_to_the_rank_wide_a_output():
+    """LoRA's scaling multiplies the r-wide A output, not the B output (hidden- or intermediate-wide): its backward
+    then hands B and the base weight one output gradient instead of a scaled copy of it (Inductor wrote both, each
+    rows x hidden). Scaling 3 (not a power of two, so rounding differs from PEFT's order): loss and every adapter
+    gradient still equal eager's."""
+    from graph_moe.model_zoo import build_model
+    from helpers import Keep
+
+    rank = 8
+    model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=48, vocab=64)
+    config = LoraConfig(r=rank, lora_alpha=3 * rank, init_lora_weights=False,
+                        target_modules=["gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model.to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    reference = copy.deepcopy(model)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    ids = torch.randint(0, 64, (2, 9))
+    loss, grads = _loss_and_lora_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
+    scaled = [n.meta["example_value"].shape[-1] for g in keep.graphs for n in g.graph.nodes
+              if n.op in ("call_function", "call_method") and "mul" in str(n.target) and 3.0 in n.args]
+    assert scaled and set(scaled) == {rank}, scaled  # gate, up and down, each on its (rows, r) A output
+    assert_close_bf16(loss, ref_loss, "loss")
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+
+
 def test_float32_adapters_under_autocast_take_the_grouped_gemms():
     """PEFT's default float32 adapters in a bf16 model under torch.autocast (the HF Trainer with bf16=True): the pass
     emits autocast's casts, so every projection runs on torch._grouped_mm (none on the fallback op), and loss and
