@@ -266,6 +266,9 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             env[node] = _cast_like(b, env[early.y], node)
             continue
         if early is not None and node is early.rows:
+            # Saved for the backward as it is (rows x 1): recomputed, Inductor gathered it again through the int64
+            # token and slot numbers in every element of the activation's gradient kernel.
+            env[early.scale].meta["recompute"] = CheckpointPolicy.MUST_SAVE
             scaled = b.call(operator.mul, b.copy(node, env), env[early.scale], name="rows_times_routing_weight")
             env[node] = _cast_like(b, scaled, node)
             continue
