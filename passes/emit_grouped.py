@@ -33,6 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .row_order import add_slots
+from .swiglu import swiglu_input
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
 from .early_scale import plan_early_scale
@@ -269,7 +270,14 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             # Saved for the backward as it is (rows x 1): recomputed, Inductor gathered it again through the int64
             # token and slot numbers in every element of the activation's gradient kernel.
             env[early.scale].meta["recompute"] = CheckpointPolicy.MUST_SAVE
-            scaled = b.call(operator.mul, b.copy(node, env), env[early.scale], name="rows_times_routing_weight")
+            rows, weight = b.copy(node, env), env[early.scale]
+            swiglu = swiglu_input(rows, weight)
+            if swiglu is not None:  # silu(gate) * up * w with a backward that reads each row once (swiglu.py)
+                gu, replaced = swiglu
+                scaled = b.call(torch.ops.graph_moe.swiglu_scaled, gu, weight, name="rows_times_routing_weight")
+                _drop(b.graph, replaced)
+            else:
+                scaled = b.call(operator.mul, rows, weight, name="rows_times_routing_weight")
             env[node] = _cast_like(b, scaled, node)
             continue
         if node in linears:
