@@ -164,7 +164,7 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True):
 
     # The block's second output (router logits) is dropped inside the compiled region, as a decoder layer drops it:
     # returned from it, its unused gradient would be a zero-filled (tokens x experts) buffer the backward's prologue
-    # makes on every step (~0.2 ms of host time on an H200 host), which no model pays.
+    # makes on every step (60-80 us of host time at 4096 tokens on an H200 host), which no model pays.
     def first_output(hidden):
         return ours(hidden)[0]
 

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import op_name
 from .row_order import _traced_into
@@ -129,7 +130,7 @@ def swiglu_input(h: fx.Node, w: fx.Node):
     def single_use(n):
         return isinstance(n, fx.Node) and len(n.users) == 1
 
-    if not (not h.users and op_name(h) == "mul" and len(h.args) == 2 and not h.kwargs):
+    if h.users or op_name(h) != "mul" or len(h.args) != 2 or h.kwargs:
         return None
     silu, up = h.args
     if not (single_use(silu) and silu.target is F.silu and len(silu.args) == 1 and not silu.kwargs.get("inplace")):
@@ -139,7 +140,8 @@ def swiglu_input(h: fx.Node, w: fx.Node):
             and gate.args[0] is up.args[0] and (gate.args[1], up.args[1]) == (0, 1)):
         return None
     halves = gate.args[0]
-    if not (len(halves.users) == 2 and halves.op == "call_method" and halves.target == "chunk"):
+    if not (isinstance(halves, fx.Node) and len(halves.users) == 2 and halves.op == "call_method"
+            and halves.target == "chunk"):
         return None
     chunks = halves.args[1] if len(halves.args) > 1 else halves.kwargs.get("chunks")
     dim = halves.args[2] if len(halves.args) > 2 else halves.kwargs.get("dim", 0)
@@ -150,7 +152,11 @@ def swiglu_input(h: fx.Node, w: fx.Node):
     if any(not isinstance(v, torch.Tensor) for v in values):
         return None
     gu_val, w_val, h_val = values
-    if not (gu_val.dim() == 2 and w_val.dim() == 2 and w_val.shape[-1] == 1 and gu_val.dtype == w_val.dtype == h_val.dtype
+    if not (gu_val.dim() == 2 == w_val.dim() and gu_val.dtype == w_val.dtype == h_val.dtype
             and gu_val.dtype.is_floating_point):
+        return None
+    rows, width = gu_val.shape
+    if not (isinstance(width, int) and width % 2 == 0 and statically_known_true(w_val.shape[0] == rows)
+            and w_val.shape[1] == 1):  # one weight per row: the kernel reads w[row]
         return None
     return gu, [h, silu, gate, up, halves]

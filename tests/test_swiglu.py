@@ -82,3 +82,32 @@ def test_lora_on_gate_and_up_keeps_the_traced_activation():
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     keep = check_model_rewritten(model, blocks=1, grouped_per_loop=5)
     assert _swiglu_ops(keep) == 0
+
+
+def _rows_and_weight(rows, weight_rows):
+    """An FX graph of silu(gate) * up (left unused, as emit_grouped has just emitted it) with each node's value."""
+    def body(gu, w):
+        gate, up = gu.chunk(2, dim=-1)
+        F.silu(gate) * up
+        return w
+
+    gm = torch.fx.symbolic_trace(body)
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            n.meta["example_value"] = super().run_node(n)
+            return n.meta["example_value"]
+
+    Record(gm).run(torch.randn(rows, 16), torch.rand(weight_rows, 1))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return nodes["mul"], nodes["w"], nodes["gu"]
+
+
+def test_the_op_takes_one_weight_per_row_only():
+    """The Triton backward reads w[row]: a weight broadcast over the rows (1, 1) keeps the traced ops."""
+    from graph_moe.passes.swiglu import swiglu_input
+
+    h, w, gu = _rows_and_weight(6, 6)
+    assert swiglu_input(h, w)[0] is gu
+    h, w, _ = _rows_and_weight(6, 1)
+    assert swiglu_input(h, w) is None
