@@ -46,40 +46,15 @@ def test_lora_on_every_expert_matches_eager(adapter_fp32):
         assert_close_bf16(grads[name], ref_grads[name], name)
 
 
-def test_gate_and_up_lora_a_factors_share_one_grouped_gemm():
-    """Rank 8 on hidden 64: the A factors of gate and up are thin stacks, read the same rows as the base GEMM and
-    become one grouped GEMM (7 per forward, not 8); loss and every adapter gradient equal eager's."""
+def _lora_qwen3_matches_eager(rank: int, lora_alpha: int, intermediate: int):
+    """A one-layer Qwen3-MoE (hidden 64) with bf16 LoRA on every expert projection, compiled through graph_moe with
+    its graphs kept: loss and every adapter gradient equal an eager copy's. Returns the kept graphs."""
     from graph_moe.model_zoo import build_model
     from helpers import Keep
 
-    model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=64, vocab=64)
+    model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=intermediate, vocab=64)
     torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(model.to(torch.bfloat16), config, autocast_adapter_dtype=False)
-    reference = copy.deepcopy(model)
-    keep = Keep()
-    graph_moe.compile(model, inner=keep)
-    ids = torch.randint(0, 64, (2, 9))
-    loss, grads = _loss_and_lora_grads(model, ids)
-    ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
-    # base gate+up, fused A factors, gate B, up B, down, down A, down B
-    assert keep.count("_grouped_mm") == 7 and keep.count("grouped_mm") == 0
-    assert_close_bf16(loss, ref_loss, "loss")
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
-
-
-def test_lora_scaling_is_applied_to_the_rank_wide_a_output():
-    """LoRA's scaling multiplies the r-wide A output, not the B output (hidden- or intermediate-wide): its backward
-    then hands B and the base weight one output gradient instead of a scaled copy of it (Inductor wrote both, each
-    rows x hidden). Scaling 3 (not a power of two, so rounding differs from PEFT's order): loss and every adapter
-    gradient still equal eager's."""
-    from graph_moe.model_zoo import build_model
-    from helpers import Keep
-
-    rank = 8
-    model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=48, vocab=64)
-    config = LoraConfig(r=rank, lora_alpha=3 * rank, init_lora_weights=False,
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, init_lora_weights=False,
                         target_modules=["gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model.to(torch.bfloat16), config, autocast_adapter_dtype=False)
     reference = copy.deepcopy(model)
@@ -88,12 +63,29 @@ def test_lora_scaling_is_applied_to_the_rank_wide_a_output():
     ids = torch.randint(0, 64, (2, 9))
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
-    scaled = [n.meta["example_value"].shape[-1] for g in keep.graphs for n in g.graph.nodes
-              if n.op in ("call_function", "call_method") and "mul" in str(n.target) and 3.0 in n.args]
-    assert scaled and set(scaled) == {rank}, scaled  # gate, up and down, each on its (rows, r) A output
     assert_close_bf16(loss, ref_loss, "loss")
     for name in ref_grads:
         assert_close_bf16(grads[name], ref_grads[name], name)
+    return keep
+
+
+def test_gate_and_up_lora_a_factors_share_one_grouped_gemm():
+    """Rank 8 on hidden 64: the A factors of gate and up are thin stacks, read the same rows as the base GEMM and
+    become one grouped GEMM (7 per forward, not 8)."""
+    keep = _lora_qwen3_matches_eager(rank=8, lora_alpha=16, intermediate=64)
+    # base gate+up, fused A factors, gate B, up B, down, down A, down B
+    assert keep.count("_grouped_mm") == 7 and keep.count("grouped_mm") == 0
+
+
+def test_lora_scaling_is_applied_to_the_rank_wide_a_output():
+    """LoRA's scaling multiplies the r-wide A output, not the B output (hidden- or intermediate-wide): its backward
+    then hands B and the base weight one output gradient instead of a scaled copy of it (Inductor wrote both, each
+    rows x hidden). Scaling 3 (not a power of two, so rounding differs from PEFT's order): still equal to eager."""
+    rank = 8
+    keep = _lora_qwen3_matches_eager(rank=rank, lora_alpha=3 * rank, intermediate=48)
+    scaled = [n.meta["example_value"].shape[-1] for g in keep.graphs for n in g.graph.nodes
+              if n.op in ("call_function", "call_method") and "mul" in str(n.target) and 3.0 in n.args]
+    assert scaled and set(scaled) == {rank}, scaled  # gate, up and down, each on its (rows, r) A output
 
 
 def test_float32_adapters_under_autocast_take_the_grouped_gemms():
