@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from graph_moe.bench import SHAPES, block_variant, graph_moe_block, hf_block
+from graph_moe.bench import benchmark_block, block_variant, graph_moe_block
 
 
 def relative_error(a, b) -> float:
@@ -26,8 +26,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
     args = p.parse_args()
-    torch._dynamo.config.recompile_limit = 64
-    block = hf_block(SHAPES["qwen3-30b-a3b"])
+    block = benchmark_block()
     for kind in ("frozen", "lora"):
         eager = block_variant(kind, block)
         compiled = graph_moe_block(copy.deepcopy(eager))

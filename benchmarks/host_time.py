@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from graph_moe.bench import SHAPES, graph_moe_block, grouped_reference, hf_block
+from graph_moe.bench import benchmark_block, graph_moe_block, grouped_reference
 
 
 def median_ms(times):
@@ -23,8 +23,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
     args = p.parse_args()
-    torch._dynamo.config.recompile_limit = 64
-    block = hf_block(SHAPES["qwen3-30b-a3b"])
+    block = benchmark_block()
     fns = {"graph_moe": graph_moe_block(block), "v5c": torch.compile(grouped_reference(block), fullgraph=True)}
     x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from graph_moe.bench import SHAPES, block_variant, graph_moe_block, hf_block
+from graph_moe.bench import SHAPES, benchmark_block, block_variant, graph_moe_block
 
 
 def make_variant(name, block):
@@ -51,8 +51,7 @@ def main():
     p.add_argument("--snapshot", action="store_true", help="also list the largest blocks alive at the peak")
     p.add_argument("--json", default="peak_memory.json")
     args = p.parse_args()
-    torch._dynamo.config.recompile_limit = 64
-    block = hf_block(SHAPES[args.shape])
+    block = benchmark_block(args.shape)
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens}
     for name in args.variants:
         fn, module = make_variant(name, block)

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from graph_moe.bench import SHAPES, block_variant, graph_moe_block, grouped_reference, hf_block
+from graph_moe.bench import SHAPES, benchmark_block, block_variant, graph_moe_block, grouped_reference
 
 
 def main():
@@ -21,8 +21,7 @@ def main():
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
-    torch._dynamo.config.recompile_limit = 64
-    block = hf_block(SHAPES[args.shape])
+    block = benchmark_block(args.shape)
     for variant in args.variant:
         if variant == "v5c":
             fn = torch.compile(grouped_reference(block), fullgraph=True)

@@ -88,6 +88,13 @@ def hf_block(shape):
     return block
 
 
+def benchmark_block(shape_name: str = "qwen3-30b-a3b"):
+    """hf_block at a named shape, for the scripts in benchmarks/: Dynamo may recompile as often as their compiled
+    variants need (each compiles the same traceable forward, with and without an input gradient)."""
+    torch._dynamo.config.recompile_limit = 64
+    return hf_block(SHAPES[shape_name])
+
+
 def grouped_reference(block):
     """The eager grouped MoE as transformers 5.x and torchtitan write it, on weights stacked once."""
     e = block.num_experts

@@ -267,18 +267,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             env[node] = _cast_like(b, env[early.y], node)
             continue
         if early is not None and node is early.rows:
-            # Saved for the backward as it is (rows x 1): recomputed, Inductor gathered it again through the int64
-            # token and slot numbers in every element of the activation's gradient kernel.
-            env[early.scale].meta["recompute"] = CheckpointPolicy.MUST_SAVE
-            rows, weight = b.copy(node, env), env[early.scale]
-            swiglu = swiglu_input(rows, weight)
-            if swiglu is not None:  # silu(gate) * up * w with a backward that reads each row once (swiglu.py)
-                gu, replaced = swiglu
-                scaled = b.call(torch.ops.graph_moe.swiglu_scaled, gu, weight, name="rows_times_routing_weight")
-                _drop(b.graph, replaced)
-            else:
-                scaled = b.call(operator.mul, rows, weight, name="rows_times_routing_weight")
-            env[node] = _cast_like(b, scaled, node)
+            env[node] = _cast_like(b, _scaled_by_routing_weight(b, b.copy(node, env), env[early.scale]), node)
             continue
         if node in linears:
             g = linears[node]
@@ -324,6 +313,21 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                          f"combined rows {tuple(comb_val.shape)} {comb_val.dtype}")
     result = combined if op_name(acc) in ZERO_FACTORIES else b.call(operator.add, acc, combined, name="moe_output")
     return result, projections
+
+
+def _scaled_by_routing_weight(b: _Builder, hidden: fx.Node, weight: fx.Node) -> fx.Node:
+    """hidden * weight, the rows scaled before the down projection (early_scale.py); silu(gate) * up * w as one op
+    whose backward reads each row once (swiglu.py). The weight (rows x 1) is saved for the backward: recomputed,
+    Inductor gathered it again through the int64 token and slot numbers in every element of the activation's
+    gradient kernel."""
+    weight.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    swiglu = swiglu_input(hidden, weight)
+    if swiglu is None:
+        return b.call(operator.mul, hidden, weight, name="rows_times_routing_weight")
+    gu, replaced = swiglu
+    scaled = b.call(torch.ops.graph_moe.swiglu_scaled, gu, weight, name="rows_times_routing_weight")
+    _drop(b.graph, replaced)
+    return scaled
 
 
 def _gathers_token_rows(node: fx.Node, loop: ProvenLoop) -> bool:
