@@ -12,8 +12,8 @@
         each per-expert element-wise operand (a bias added after x @ w[e]) as stack[sorted_expert_ids]
     combined = unsort_rows(rows, row_of_slot, slot_of_row).unflatten(0, (-1, K)), slot 0 + ... + slot K-1
 
-The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, passes/row_order.py)
-and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
+The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, or a scatter without
+padding rows, passes/row_order.py) and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
@@ -32,7 +32,6 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
-from .row_order import add_slots
 from .swiglu import swiglu_input
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
@@ -301,7 +300,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     # slot adds, no atomics either way.
     by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
-    combined = b.call(add_slots, by_token, 1 - token_dim, name="expert_output")
+    combined = b.call(torch.ops.graph_moe.add_slots, by_token, 1 - token_dim, name="expert_output")
 
     acc = cand.accumulator
     acc_val, comb_val = example_value(acc), example_value(combined)

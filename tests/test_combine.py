@@ -88,3 +88,32 @@ def test_gather_token_rows_gradient_adds_each_tokens_slots():
     real = perm < slots
     expected = torch.zeros_like(x).index_add_(0, token_of_row[real], grad[real])
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_rows_move_by_scatters_without_padding():
+    """Frozen experts (no weight gradient groups along the rows, so no padding row): every row is some token's slot,
+    so the tokens' rows are written to expert order and the combine's gradient back to it by scatters that read in
+    token order, and the slots' gradient stays a view of the tokens' (no select_backward). Logits and every
+    gradient (the router's and the attention's need the MoE input's gradient) as in eager, on fresh tokens."""
+    batch, seq, top_k = 2, 9, 2
+    model = build("qwen3_moe", layers=1, experts=8)
+    reference = build("qwen3_moe", layers=1, experts=8)
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        for name, p in m.named_parameters():
+            p.requires_grad_(".experts." not in name)
+    graphs = []
+    graph_moe.compile(model, inner=_aot_graphs(graphs))
+    ids = torch.randint(0, 64, (batch, seq))
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    logits, grads = loss_and_grads(model, ids)
+    assert_close_bf16(logits, ref_logits, "logits")
+    assert grads.keys() == ref_grads.keys() and any("router" in n or "gate" in n for n in grads)
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+    forward, backward = graphs[-2:]
+    for graph in (forward, backward):  # one scatter of rows each way, not accumulating
+        rows = [n for n in _index_puts(graph)
+                if n.meta["val"].dim() == 2 and n.meta["val"].shape[0] == batch * seq * top_k]
+        assert len(rows) == 1 and not (rows[0].args[3:4] == (True,) or rows[0].kwargs.get("accumulate"))
+    assert not any(n.target is torch.ops.aten.select_backward.default for n in backward.graph.nodes)
