@@ -32,6 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
+from .router_topk import replace_router_topk
 from .swiglu import swiglu_input
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
@@ -208,6 +209,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, boo
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
     _sink_to_first_use(graph, b.sink)
+    counters["graph_moe"]["router_topk"] += replace_router_topk(loop.candidate.ids, fake_mode)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
     counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.ops.graph_moe.stack_weights for node in b.new)
     return projections

@@ -1,0 +1,107 @@
+"""The router's top-k as k arg-max steps (passes/router_topk.py): equal to torch.topk on fresh random scores, eager
+and under Inductor, forward and gradient; ties to the lowest index; replaced in a rewritten model only on the devices
+whose torch.topk breaks ties that way (CUDA, checked on the GPU), and then the model still matches eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import graph_moe
+from graph_moe.passes import router_topk as router_topk_module
+from graph_moe.passes.router_topk import router_topk
+from helpers import Keep, assert_close_bf16, loss_and_grads
+from tiny_models import build
+
+
+def _scores(tokens, experts, ties=False, device="cpu"):
+    logits = torch.randn(tokens, experts, device=device)
+    if ties:  # few distinct logits per row: most rows tie at the k-th score
+        logits = logits.mul(2).round()
+    return torch.softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_router_topk_is_topk(compiled):
+    """Values and indices as torch.topk's on distinct scores; the scores' gradient as topk's."""
+    torch.library.opcheck(router_topk, (_scores(9, 12), 3))
+    fn = (lambda s: router_topk(s, 5)) if not compiled else torch.compile(lambda s: router_topk(s, 5), backend="inductor")
+    scores = _scores(37, 24).requires_grad_()
+    reference = scores.detach().clone().requires_grad_()
+    values, indices = fn(scores)
+    ref_values, ref_indices = torch.topk(reference, 5)
+    assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
+    grad = torch.randn_like(values)
+    values.backward(grad)
+    ref_values.backward(grad)
+    assert torch.equal(scores.grad, reference.grad)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_router_topk_ties_go_to_lowest_index(compiled):
+    """On scores with many equal values: the k largest, equal ones in index order (a stable descending sort)."""
+    fn = (lambda s: router_topk(s, 4)) if not compiled else torch.compile(lambda s: router_topk(s, 4), backend="inductor")
+    scores = _scores(64, 16, ties=True)
+    values, indices = fn(scores)
+    ref_values, ref_indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    assert torch.equal(indices, ref_indices[:, :4]) and torch.equal(values, ref_values[:, :4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ATen's CUDA top-k is what the rule must match")
+def test_cuda_topk_picks_the_same_experts():
+    """The rewrite's premise: on CUDA, torch.topk chooses the same k experts as router_topk, ties included, at the
+    Qwen3-30B-A3B router's shape (and its values, in the same order)."""
+    scores = _scores(4096, 128, ties=True, device="cuda")
+    values, indices = torch.compile(lambda s: router_topk(s, 8), backend="inductor")(scores)
+    ref_values, ref_indices = torch.topk(scores, 8)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
+
+
+def _router_ties(model, ids, k) -> bool:
+    """Whether some token's k-th and (k+1)-th router scores are equal in an eager run (bf16 logits tie often)."""
+    scores = []
+    hooks = [m.register_forward_hook(lambda m, i, out: scores.append(torch.softmax(out.float(), -1)))
+             for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return any((s.sort(-1, descending=True).values[:, k - 1] == s.sort(-1, descending=True).values[:, k]).any()
+               for s in scores)
+
+
+def test_rewritten_model_uses_router_topk(monkeypatch):
+    """With the CPU counted as a device whose topk ties as router_topk does, the rewritten Qwen3-MoE routes through
+    router_topk (no torch.topk left) and its logits and gradients equal eager's, on fresh tokens whose router scores
+    have no tie at the k-th (where CPU's topk chooses otherwise)."""
+    monkeypatch.setattr(router_topk_module, "DEVICES", {"cuda", "cpu"})
+    model = build("qwen3_moe", layers=1, experts=8, top_k=2)
+    reference = build("qwen3_moe", layers=1, experts=8, top_k=2)
+    reference.load_state_dict(model.state_dict())
+    keep = Keep()
+    counters.clear()
+    graph_moe.compile(model, inner=keep)
+    for _ in range(50):
+        ids = torch.randint(0, 64, (2, 9))
+        if not _router_ties(reference, ids, 2):
+            break
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    logits, grads = loss_and_grads(model, ids)
+    assert counters["graph_moe"]["router_topk"] == 1
+    assert keep.count("topk") == 0 and sum(
+        n.target is torch.ops.graph_moe.router_topk for g in keep.graphs for n in g.graph.nodes) == 1
+    assert_close_bf16(logits, ref_logits, "logits")
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+
+
+def test_cpu_keeps_torch_topk():
+    """On the CPU (not in DEVICES) the rewritten model keeps torch.topk: its tie rule is not router_topk's."""
+    model = build("qwen3_moe", layers=1, experts=8, top_k=2)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep)
+    model(input_ids=torch.randint(0, 64, (2, 5)), use_cache=False)
+    assert keep.count("topk") == 1
+    assert not any(n.target is torch.ops.graph_moe.router_topk for g in keep.graphs for n in g.graph.nodes)
