@@ -36,12 +36,13 @@ MAX_K = 16
 def _router_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values, indices = [], []
     left = scores
+    experts = torch.arange(scores.shape[-1], device=scores.device)
     for step in range(k):
         value, index = left.max(-1, keepdim=True)
         values.append(value)
         indices.append(index)
-        if step + 1 < k:
-            left = left.scatter(-1, index, float("-inf"))
+        if step + 1 < k:  # a select, not a scatter: Inductor inlines it into the next step's reduction
+            left = torch.where(experts == index, float("-inf"), left)
     return torch.cat(values, -1), torch.cat(indices, -1)
 
 
