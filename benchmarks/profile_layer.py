@@ -41,6 +41,7 @@ def profile(fn, variant, tokens, args):
             with torch.no_grad():
                 fn(x)
         else:
+            x.grad = None  # as in training: no AccumulateGrad add of the input's gradient
             fn(x).backward(grad)
 
     for _ in range(3):
