@@ -226,8 +226,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     experts = b.call(torch.arange, cand.num_experts, device=ids_val.device, name="expert_range")
     offsets = b.call(torch.searchsorted, sorted_ids, experts, right=True, out_int32=True, name="expert_offsets")
     align = _row_alignment(loop)
-    slot_of_row, grouped_offsets, padded_rows = _aligned_groups(b, sorted_ids, token_order, offsets, rows,
-                                                                 cand.num_experts, align)
+    slot_of_row, grouped_offsets, padded_rows, padding_rows = _aligned_groups(b, sorted_ids, token_order, offsets,
+                                                                              rows, cand.num_experts, align)
     row_of_slot = _inverse(b, slot_of_row, rows)
     k = b.size(ids, 1)
     token_dim = cand.mask_dims[1 + loop.token_output]  # the ids dim that indexes accumulator rows
@@ -262,7 +262,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
         if token_dim == 0 and isinstance(k, int) and _gathers_token_rows(node, loop):
             # x[top_x]: a gather whose gradient adds each token's k rows by gathering them (row_order.py)
             env[node] = b.call(torch.ops.graph_moe.gather_token_rows, node.args[0], env[node.args[1]], row_of_slot, k,
-                               name="token_rows")
+                               padding_rows, name="token_rows")
             continue
         if early is not None and node is early.product:  # its rows were scaled before the linears (early_scale.py)
             env[node] = _cast_like(b, env[early.y], node)
@@ -300,7 +300,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
     # Back to (token, slot) order by a gather whose gradient is a gather too (passes/row_order.py): fused with the
     # slot adds, no atomics either way.
-    by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, name="rows_by_token")
+    by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, padding_rows,
+                      name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
     combined = b.call(torch.ops.graph_moe.add_slots, by_token, 1 - token_dim, name="expert_output")
 
@@ -399,9 +400,10 @@ def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_exp
     fail ("strides should be multiple of 16 bytes", or a device assert). Padded groups hold in every layout.
     The padded size is static (rows + E * (align - 1), rounded up), so no host sync; the last group takes
     the rows left at the end. Returns (slot_of_row: for each padded row, its flat (token, slot) index, `rows`
-    for padding; the grouped GEMMs' int32 end offsets; the padded row count)."""
+    for padding; the grouped GEMMs' int32 end offsets; the padded row count; the padding rows, as
+    `_padding_rows` lists them, or None without padding)."""
     if align == 1:
-        return token_order, offsets, rows
+        return token_order, offsets, rows, None
     device = example_value(sorted_ids).device
     zero = b.call(torch.zeros, 1, dtype=torch.int32, device=device, name="zero_offset")
     counts = b.call(torch.diff, offsets, prepend=zero, name="expert_rows")
@@ -423,7 +425,25 @@ def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_exp
     last = b.method("new_full", padded_ends, (1,), padded_rows, name="padded_total")
     grouped_offsets = b.call(torch.cat, [b.call(operator.getitem, padded_ends, slice(None, -1)), last],
                              name="grouped_offsets")
-    return slot_of_row, grouped_offsets, padded_rows
+    padding = _padding_rows(b, padded, counts, padded_ends, padded_rows, num_experts, align)
+    return slot_of_row, grouped_offsets, padded_rows, padding
+
+
+def _padding_rows(b: _Builder, padded, counts, padded_ends, padded_rows, num_experts: int, align: int):
+    """The padding rows as a static-length int64 list (for the row scatters, which zero them; passes/row_order.py):
+    each expert's last padded - counts rows (fewer than `align`), then the rows past the last expert's padded end
+    (fewer than E * (align - 1) + align). Unused entries are `padded_rows`, one past the end."""
+    device = example_value(padded).device
+    pads = b.call(operator.sub, padded, counts, name="expert_padding_rows")
+    within = b.call(torch.arange, align - 1, dtype=torch.int32, device=device, name="padding_row_within")
+    per_expert = b.call(operator.add, b.method("unsqueeze", b.call(operator.sub, padded_ends, pads), 1), within)
+    per_expert = b.method("masked_fill", per_expert, b.call(operator.ge, within, b.method("unsqueeze", pads, 1)),
+                          padded_rows, name="expert_padding_row")
+    tail = b.call(operator.add, b.call(torch.arange, num_experts * (align - 1) + align, dtype=torch.int32,
+                                       device=device), b.call(operator.getitem, padded_ends, slice(-1, None)))
+    tail = b.method("clamp_max", tail, padded_rows, name="tail_padding_row")
+    return b.method("to", b.call(torch.cat, [b.method("flatten", per_expert), tail]), torch.int64,
+                    name="padding_rows")
 
 
 def _reroute(loop: ProvenLoop, result: fx.Node):

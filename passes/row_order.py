@@ -73,31 +73,42 @@ add_slots.register_autograd(_add_slots_backward, setup_context=_add_slots_setup)
 _traced_into(add_slots, _add_slots)
 
 
-def _scattered(values: Tensor, index: Tensor, rows) -> Tensor:
-    """(rows, *row) with row index[i] = values[i] (values broadcast to index's shape + row); `index` names every
-    row once. Written in the values' order, where a gather would read them in row order."""
-    return values.new_empty((rows, *values.shape[index.dim():])).index_put((index,), values)
+def _scattered(values: Tensor, index: Tensor, rows, padding_rows: Tensor | None = None) -> Tensor:
+    """(rows, *row) with row index[i] = values[i] (values broadcast to index's shape + row): written in the values'
+    order, where a gather would read them in row order. `index` names every row but the padding rows, which are
+    zeroed: `padding_rows` lists them, its unused entries `rows` (one extra row, cut off)."""
+    shape = values.shape[index.dim():]
+    if padding_rows is None:
+        return values.new_empty((rows, *shape)).index_put((index,), values)
+    out = values.new_empty((rows + 1, *shape)).index_put((index,), values)
+    return out.index_put((padding_rows,), values.new_zeros(())).narrow(0, 0, rows)
 
 
-def _gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: int) -> Tensor:
+def _unpadded(rows, slots) -> bool:
+    return statically_known_true(rows == slots)
+
+
+def _gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: int,
+                       padding_rows: Tensor | None = None) -> Tensor:
     rows = token_of_row.shape[0]
-    if statically_known_true(rows == row_of_slot.shape[0]):
-        # No padding row: each token's row written to its k rows, x read once in order. Gathered, each token's row
-        # is read k times at random; with more tokens than L2 holds, mostly from memory (0.26 ms at 16384 tokens).
-        return _scattered(x.unsqueeze(1), row_of_slot.view(-1, k), rows)
+    if padding_rows is not None or _unpadded(rows, row_of_slot.shape[0]):
+        # Each token's row written to its k rows, x read once in order. Gathered, each token's row is read k times
+        # at random; with more tokens than L2 holds, mostly from memory (0.26 ms at 16384 tokens).
+        return _scattered(x.unsqueeze(1), row_of_slot.view(-1, k), rows, padding_rows)
     return x[token_of_row]
 
 
 @torch.library.custom_op("graph_moe::gather_token_rows", mutates_args=())
-def gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: int) -> Tensor:
+def gather_token_rows(x: Tensor, token_of_row: Tensor, row_of_slot: Tensor, k: int,
+                      padding_rows: Tensor | None = None) -> Tensor:
     """x[token_of_row]: each grouped row's token. row_of_slot[t * k + j] is the row of token t's slot j (the rows
-    no slot names, padding, read some token and get no gradient)."""
-    return _gather_token_rows(x, token_of_row, row_of_slot, k)
+    no slot names, padding, get no gradient; they read some token, or zeros where `padding_rows` lists them)."""
+    return _gather_token_rows(x, token_of_row, row_of_slot, k, padding_rows)
 
 
 def _gather_token_rows_backward(ctx, grad):
     (row_of_slot,) = ctx.saved_tensors
-    return _add_slots(grad[row_of_slot].unflatten(0, (-1, ctx.k)), 1), None, None, None
+    return _add_slots(grad[row_of_slot].unflatten(0, (-1, ctx.k)), 1), None, None, None, None
 
 
 def _gather_token_rows_setup(ctx, inputs, output):
@@ -109,28 +120,30 @@ gather_token_rows.register_autograd(_gather_token_rows_backward, setup_context=_
 _traced_into(gather_token_rows, _gather_token_rows)
 
 
-def _unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor) -> Tensor:
+def _unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor, padding_rows: Tensor | None = None) -> Tensor:
     return rows[row_of_slot]
 
 
 @torch.library.custom_op("graph_moe::unsort_rows", mutates_args=())
-def unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor) -> Tensor:
+def unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor,
+                padding_rows: Tensor | None = None) -> Tensor:
     """rows[row_of_slot]: (slots, *row) from (rows, *row). slot_of_row[p] is the slot that reads row p, or
-    `slots` (past the end) for a padding row no slot reads."""
-    return _unsort_rows(rows, row_of_slot, slot_of_row)
+    `slots` (past the end) for a padding row no slot reads; `padding_rows`, if given, lists those (as
+    `_scattered` takes them)."""
+    return _unsort_rows(rows, row_of_slot, slot_of_row, padding_rows)
 
 
 def _unsort_rows_backward(ctx, grad):
-    row_of_slot, slot_of_row = ctx.saved_tensors
-    slots = grad.shape[0]
-    if statically_known_true(slot_of_row.shape[0] == slots):  # no padding row: written in slot order (as above)
-        return _scattered(grad, row_of_slot, slots), None, None
+    row_of_slot, slot_of_row, padding_rows = ctx.saved_tensors
+    slots, rows = grad.shape[0], slot_of_row.shape[0]
+    if padding_rows is not None or _unpadded(rows, slots):  # written in slot order (as above), padding zeroed
+        return _scattered(grad, row_of_slot, rows, padding_rows), None, None, None
     read = (slot_of_row < slots).view(-1, *[1] * (grad.dim() - 1))
-    return torch.where(read, grad[slot_of_row.clamp_max(slots - 1)], 0), None, None
+    return torch.where(read, grad[slot_of_row.clamp_max(slots - 1)], 0), None, None, None
 
 
 def _unsort_rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
 
 
 unsort_rows.register_autograd(_unsort_rows_backward, setup_context=_unsort_rows_setup)

@@ -1,9 +1,10 @@
-"""Rows between token order and expert order (passes/row_order.py): the tokens' rows are gathered into expert order
-and the grouped rows gathered back to (token, slot) order, and each gather's gradient is a gather too (no atomic
-scatter-add of rows), checked in the graphs AOTAutograd gives Inductor and against eager."""
+"""Rows between token order and expert order (passes/row_order.py): the tokens' rows move into expert order and the
+grouped rows back to (token, slot) order, and no gradient scatter-adds rows (atomics): gathers, or scatters that
+read in token order and zero the padding rows, checked in the graphs AOTAutograd gives Inductor and against eager."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
@@ -29,10 +30,11 @@ def _index_puts(graph):
                                                          torch.ops.aten.index_put_.default)]
 
 
-def test_rows_move_by_gathers_both_ways():
+def test_rows_move_without_atomics_with_padding():
     """Full fine-tuning (each expert's rows padded to 8, so padding rows exist): logits and every gradient as in
-    eager. The forward writes no rows by index_put (only int64 row and slot numbers); the backward scatter-adds no
-    rows either (the only scatter-add left is the routing weights' gradient, tokens x top-k)."""
+    eager. The rows move into expert order by scatters that zero the padding rows, forward (the tokens' rows) and
+    backward (the combine's gradient); no rows are scatter-added (the only scatter-add left is the routing weights'
+    gradient, tokens x top-k)."""
     batch, seq, top_k = 2, 9, 2
     model = build("qwen3_moe", layers=1, experts=8)
     reference = build("qwen3_moe", layers=1, experts=8)
@@ -46,23 +48,36 @@ def test_rows_move_by_gathers_both_ways():
     for name in ref_grads:
         assert_close_bf16(grads[name], ref_grads[name], name)
     forward, backward = graphs[-2:]
-    row_ops = ("gather_token_rows", "unsort_rows")
+    row_ops = ("gather_token_rows", "unsort_rows", "add_slots")
     assert not any(op in str(n.target) for g in graphs for n in g.graph.nodes for op in row_ops)  # traced into
-    assert {n.meta["val"].dtype for n in _index_puts(forward)} == {torch.int64}  # row and slot numbers only
+    for graph in (forward, backward):  # the rows written in, then the padding rows zeroed
+        rows = [n for n in _index_puts(graph) if n.meta["val"].dim() == 2 and n.meta["val"].dtype == torch.bfloat16]
+        assert len(rows) == 2 and not any(n.args[3:4] == (True,) or n.kwargs.get("accumulate") for n in rows)
     scatter_adds = [n for n in _index_puts(backward) if n.args[3:4] == (True,) or n.kwargs.get("accumulate")]
     assert [tuple(n.meta["val"].shape)[:2] for n in scatter_adds] == [(batch * seq, top_k)]  # routing_weights[top_x, idx]
 
 
-def test_unsort_rows_gradient_skips_padding_rows():
-    """On fresh random rows: the forward gathers rows by slot; the gradient of a row is its slot's gradient, and
-    zero for padding rows (slot index past the end). opcheck covers the fake kernel and autograd registration."""
-    slots, padding = 11, 3
+def _padding(slots, padding):
+    """A random order of `slots` real rows and `padding` padding rows: (perm, slot_of_row, row_of_slot, the
+    padding rows listed as the scatters take them, with one unused entry)."""
     perm = torch.randperm(slots + padding)
     slot_of_row = torch.where(perm < slots, perm, slots)  # rows whose perm value >= slots are padding
     row_of_slot = torch.argsort(perm)[:slots]
+    listed = torch.cat([torch.nonzero(perm >= slots).flatten(), torch.tensor([slots + padding])])
+    return perm, slot_of_row, row_of_slot, listed
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["gather", "scatter"])
+def test_unsort_rows_gradient_skips_padding_rows(listed):
+    """On fresh random rows: the forward gathers rows by slot; the gradient of a row is its slot's gradient, and
+    zero for padding rows (slot index past the end), whether gathered or scattered with the padding rows listed.
+    opcheck covers the fake kernel and autograd registration."""
+    slots, padding = 11, 3
+    perm, slot_of_row, row_of_slot, padding_rows = _padding(slots, padding)
+    padding_rows = padding_rows if listed else None
     rows = torch.randn(slots + padding, 5, requires_grad=True)
-    torch.library.opcheck(unsort_rows, (rows, row_of_slot, slot_of_row))
-    out = unsort_rows(rows, row_of_slot, slot_of_row)
+    torch.library.opcheck(unsort_rows, (rows, row_of_slot, slot_of_row, padding_rows))
+    out = unsort_rows(rows, row_of_slot, slot_of_row, padding_rows)
     assert torch.equal(out, rows[row_of_slot])
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -71,21 +86,22 @@ def test_unsort_rows_gradient_skips_padding_rows():
     assert torch.equal(rows.grad, expected)
 
 
-def test_gather_token_rows_gradient_adds_each_tokens_slots():
-    """On fresh random tokens: each row reads its token; a token's gradient is the sum of its k slots' rows'
-    gradients (the padding rows, named by no slot, add nothing)."""
+@pytest.mark.parametrize("listed", [False, True], ids=["gather", "scatter"])
+def test_gather_token_rows_gradient_adds_each_tokens_slots(listed):
+    """On fresh random tokens: each row reads its token (a padding row some token, or zeros where the padding
+    rows are listed); a token's gradient is the sum of its k slots' rows' gradients (padding adds nothing)."""
     tokens, k, padding = 5, 3, 4
-    slots = tokens * k
-    perm = torch.randperm(slots + padding)
-    row_of_slot = torch.argsort(perm)[:slots]  # slot q lives in row row_of_slot[q]
-    token_of_row = torch.where(perm < slots, perm // k, 0)  # padding rows read token 0
+    perm, _, row_of_slot, padding_rows = _padding(tokens * k, padding)
+    padding_rows = padding_rows if listed else None
+    real = perm < tokens * k
+    token_of_row = torch.where(real, perm // k, 0)  # padding rows read token 0
     x = torch.randn(tokens, 6, requires_grad=True)
-    torch.library.opcheck(gather_token_rows, (x, token_of_row, row_of_slot, k))
-    rows = gather_token_rows(x, token_of_row, row_of_slot, k)
-    assert torch.equal(rows, x[token_of_row])
+    torch.library.opcheck(gather_token_rows, (x, token_of_row, row_of_slot, k, padding_rows))
+    rows = gather_token_rows(x, token_of_row, row_of_slot, k, padding_rows)
+    expected_rows = x[token_of_row] * (real.unsqueeze(1) if listed else 1)
+    assert torch.equal(rows, expected_rows)
     grad = torch.randn_like(rows)
     rows.backward(grad)
-    real = perm < slots
     expected = torch.zeros_like(x).index_add_(0, token_of_row[real], grad[real])
     torch.testing.assert_close(x.grad, expected)
 
