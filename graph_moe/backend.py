@@ -65,19 +65,22 @@ def _warn_if_ddp_splits(reports) -> None:
 
 
 def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
-                 fuse_projections: bool = True, on_reports: Callable[[list[LoopReport]], Any] | None = None):
+                 fuse_projections: bool = True, router_topk: bool = False,
+                 on_reports: Callable[[list[LoopReport]], Any] | None = None):
     """Build a graph_moe backend.
 
     inner: "inductor" (default), "aot_eager", "eager", or any backend callable, run on the rewritten graph.
     mode/options: Inductor's `torch.compile(mode=..., options=...)`; those given to torch.compile win.
     fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
+    router_topk: on CUDA, the router's top-k of a softmax as k arg-max steps fused into one kernel
+        (passes/router_topk.py): faster at many tokens, but that kernel takes Inductor ~10 s to compile.
     on_reports: called with the LoopReports of every captured graph (graph_moe.explain uses it).
     """
     if isinstance(inner, str) and inner not in INNER:
         raise ValueError(f"graph_moe: inner compiler must be one of {INNER} or a backend callable, not {inner!r}")
 
     def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections)
+        reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk)
         record(reports)
         if not reports:
             _warn_if_router_without_loop(gm)

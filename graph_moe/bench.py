@@ -160,7 +160,7 @@ def block_variant(kind: str, block):
     return {"frozen": lambda: block, "lora": lambda: with_lora(block), "qlora": lambda: with_lora(with_nf4(block))}[kind]()
 
 
-def graph_moe_block(block, mode=None, layout=True, stack_lora=True):
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=False):
     import copy
 
     import graph_moe
@@ -175,7 +175,8 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True):
     def first_output(hidden):
         return ours(hidden)[0]
 
-    compiled = torch.compile(first_output, backend=graph_moe.make_backend("inductor", mode=mode))
+    backend = graph_moe.make_backend("inductor", mode=mode, router_topk=router_topk)
+    compiled = torch.compile(first_output, backend=backend)
 
     def forward(hidden):
         if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each call is a new step (outputs reused)
@@ -207,7 +208,7 @@ def unsloth_block(block):
 
 
 def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None,
-        unsloth=False, only=None, autotune=False) -> list[dict]:
+        unsloth=False, only=None, autotune=False, router_topk=False) -> list[dict]:
     from torch._dynamo.utils import counters
     from tqdm import tqdm
 
@@ -226,6 +227,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         variants["graph_moe"] = graph_moe_block(block, mode)
         if autotune:  # Inductor's Triton GEMM templates (torch._grouped_mm's included) against ATen's, benchmarked
             variants["graph_moe_autotune"] = graph_moe_block(block, "max-autotune-no-cudagraphs")
+        if router_topk:  # the router's top-k as fused arg-max steps (passes/router_topk.py)
+            variants["graph_moe_router_topk"] = graph_moe_block(block, mode, router_topk=True)
         if stacked:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
@@ -363,6 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")
     p.add_argument("--autotune", action="store_true",
                    help="also graph_moe with mode='max-autotune-no-cudagraphs' (Triton GEMM templates; slow compile)")
+    p.add_argument("--router-topk", action="store_true",
+                   help="also graph_moe with router_topk=True (the router's top-k fused; ~10 s more compile)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -370,7 +375,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
                   qlora=args.qlora, mode=args.mode, unsloth=args.unsloth,
-                  only=args.only, autotune=args.autotune)
+                  only=args.only, autotune=args.autotune, router_topk=args.router_topk)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}

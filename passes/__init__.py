@@ -75,8 +75,10 @@ def _prove(cand: LoopCandidate) -> ProvenLoop:
         raise Unprovable(f"internal error while proving the loop ({e!r}); please report it") from e
 
 
-def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> list[LoopReport]:
-    """Rewrite every provable expert loop of `gm` in place; one report per loop found."""
+def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
+                      router_topk: bool = False) -> list[LoopReport]:
+    """Rewrite every provable expert loop of `gm` in place; one report per loop found. `router_topk`: the
+    router's top-k as fused arg-max steps too, on CUDA (router_topk.py)."""
     reports = []
     for cand in find_loop_candidates(gm.graph):
         block = _block_name(cand)
@@ -85,7 +87,7 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True) -> l
             if cand.problem:
                 raise Unprovable(cand.problem)
             loop = _prove(cand)
-            gemms = emit(loop, fuse_projections=fuse_projections)
+            gemms = emit(loop, fuse_projections=fuse_projections, router_topk=router_topk)
         except Unprovable as why:
             reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, _readable(str(why), gm.graph)))
             continue

@@ -192,7 +192,7 @@ def _projection_name(weight: fx.Node) -> str:
 _NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules", "parameters"}
 
 
-def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, bool]]:
+def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = False) -> list[tuple[str, bool]]:
     """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate
     graph = cand.accumulator.graph
@@ -209,7 +209,8 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True) -> list[tuple[str, boo
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
     _sink_to_first_use(graph, b.sink)
-    counters["graph_moe"]["router_topk"] += replace_router_topk(loop.candidate.ids, fake_mode)
+    if router_topk:
+        counters["graph_moe"]["router_topk"] += replace_router_topk(loop.candidate.ids, fake_mode)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
     counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.ops.graph_moe.stack_weights for node in b.new)
     return projections
@@ -260,7 +261,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
         if node in env:
             continue
         if token_dim == 0 and isinstance(k, int) and _gathers_token_rows(node, loop):
-            # x[top_x]: a gather whose gradient adds each token's k rows by gathering them (row_order.py)
+            # x[top_x]: rows moved into expert order (a scatter from token order, or a gather), whose gradient adds
+            # each token's k rows by gathering them (row_order.py)
             env[node] = b.call(torch.ops.graph_moe.gather_token_rows, node.args[0], env[node.args[1]], row_of_slot, k,
                                padding_rows, name="token_rows")
             continue
@@ -298,8 +300,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
         env[node] = b.copy(node, env)
 
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
-    # Back to (token, slot) order by a gather whose gradient is a gather too (passes/row_order.py): fused with the
-    # slot adds, no atomics either way.
+    # Back to (token, slot) order by a gather whose gradient moves rows back without atomics (a scatter, or a gather;
+    # passes/row_order.py), fused with the slot adds.
     by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, padding_rows,
                       name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")

@@ -1,6 +1,7 @@
 """The router's top-k as k arg-max steps (passes/router_topk.py): equal to torch.topk on fresh random scores, eager
-and under Inductor, forward and gradient; ties to the lowest index; replaced in a rewritten model only on the devices
-whose torch.topk breaks ties that way (CUDA, checked on the GPU), and then the model still matches eager."""
+and under Inductor, forward and gradient; ties to the lowest index; replaced in a rewritten model when asked
+(router_topk=True) and only on the devices whose torch.topk breaks ties that way (CUDA, checked on the GPU), and then
+the model still matches eager."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_rewritten_model_uses_router_topk(monkeypatch):
     reference.load_state_dict(model.state_dict())
     keep = Keep()
     counters.clear()
-    graph_moe.compile(model, inner=keep)
+    graph_moe.compile(model, inner=keep, router_topk=True)
     for _ in range(50):
         ids = torch.randint(0, 64, (2, 9))
         if not _router_ties(reference, ids, 2):
@@ -97,11 +98,15 @@ def test_rewritten_model_uses_router_topk(monkeypatch):
         assert_close_bf16(grads[name], ref_grads[name], name)
 
 
-def test_cpu_keeps_torch_topk():
-    """On the CPU (not in DEVICES) the rewritten model keeps torch.topk: its tie rule is not router_topk's."""
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["not-asked", "device-not-listed"])
+def test_torch_topk_stays(on_cpu, monkeypatch):
+    """Without router_topk=True (the default: its kernel adds ~10 s of compile), or on the CPU (not in DEVICES: its
+    tie rule is not router_topk's), the rewritten model keeps torch.topk."""
+    if not on_cpu:
+        monkeypatch.setattr(router_topk_module, "DEVICES", {"cuda", "cpu"})
     model = build("qwen3_moe", layers=1, experts=8, top_k=2)
     keep = Keep()
-    graph_moe.compile(model, inner=keep)
+    graph_moe.compile(model, inner=keep, router_topk=on_cpu)
     model(input_ids=torch.randint(0, 64, (2, 5)), use_cache=False)
     assert keep.count("topk") == 1
     assert not any(n.target is torch.ops.graph_moe.router_topk for g in keep.graphs for n in g.graph.nodes)
