@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from graph_moe.bench import benchmark_block, graph_moe_block, grouped_reference
+from graph_moe.bench import benchmark_block, graph_moe_and_peer, layer_step
 
 
 def back_to_back_ms(step, iters):
@@ -33,7 +33,8 @@ def back_to_back_ms(step, iters):
 def gaps(trace_path, steps, min_gap_us=10.0):
     """Kernel time, span and the long idle gaps of the GPU in a Chrome trace, with the host ops running then."""
     events = json.load(open(trace_path))["traceEvents"]
-    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    on_gpu = ("kernel", "gpu_memcpy", "gpu_memset")
+    kernels = sorted((e for e in events if e.get("cat") in on_gpu), key=lambda e: e["ts"])
     host = [e for e in events if e.get("cat") == "cpu_op" and e.get("ph") == "X"]
     busy = sum(k["dur"] for k in kernels)
     span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
@@ -57,21 +58,14 @@ def main():
     p.add_argument("--json", default=None, help="write every number here")
     args = p.parse_args()
     block = benchmark_block()
-    fns = {"graph_moe": graph_moe_block(block), "v5c": torch.compile(grouped_reference(block), fullgraph=True)}
+    fns = graph_moe_and_peer(block)
     results = []
     for tokens in args.tokens:
         x = torch.randn(1, tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn_like(x)
         for name, fn in fns.items():
             for backward in (False, True):
-                def step():
-                    if backward:
-                        x.grad = None
-                        fn(x).backward(g)
-                    else:
-                        with torch.no_grad():
-                            fn(x)
-
+                step = layer_step(fn, x, g, backward)
                 row = {"variant": name, "tokens": tokens, "step": "fwd_bwd" if backward else "fwd"}
                 for iters in (5, 20, 50):
                     row[f"back_to_back_{iters}_ms"] = back_to_back_ms(step, iters)

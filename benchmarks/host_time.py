@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from graph_moe.bench import benchmark_block, graph_moe_block, grouped_reference
+from graph_moe.bench import benchmark_block, graph_moe_and_peer, layer_step
 
 
 def median_ms(times):
@@ -24,19 +24,12 @@ def main():
     p.add_argument("--tokens", type=int, default=4096)
     args = p.parse_args()
     block = benchmark_block()
-    fns = {"graph_moe": graph_moe_block(block), "v5c": torch.compile(grouped_reference(block), fullgraph=True)}
+    fns = graph_moe_and_peer(block)
     x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
     for name, fn in fns.items():
         for backward in (False, True):
-            def step():
-                if backward:
-                    x.grad = None
-                    fn(x).backward(g)
-                else:
-                    with torch.no_grad():
-                        fn(x)
-
+            step = layer_step(fn, x, g, backward)
             for _ in range(5):
                 step()
             torch.cuda.synchronize()

@@ -95,6 +95,25 @@ def benchmark_block(shape_name: str = "qwen3-30b-a3b"):
     return hf_block(SHAPES[shape_name])
 
 
+def graph_moe_and_peer(block) -> dict:
+    """graph_moe (frozen experts) and v5-style compiled on `block`, for the scripts in benchmarks/."""
+    return {"graph_moe": graph_moe_block(block), "v5c": torch.compile(grouped_reference(block), fullgraph=True)}
+
+
+def layer_step(fn, x, grad, backward: bool):
+    """One call of a compiled layer: a forward alone (no_grad), or a forward+backward with the input's gradient
+    reset first, as in training."""
+    def step():
+        if backward:
+            x.grad = None
+            fn(x).backward(grad)
+        else:
+            with torch.no_grad():
+                fn(x)
+
+    return step
+
+
 def grouped_reference(block):
     """The eager grouped MoE as transformers 5.x and torchtitan write it, on weights stacked once."""
     e = block.num_experts

@@ -30,24 +30,36 @@ def _index_puts(graph):
                                                          torch.ops.aten.index_put_.default)]
 
 
-def test_rows_move_without_atomics_with_padding():
-    """Full fine-tuning (each expert's rows padded to 8, so padding rows exist): logits and every gradient as in
-    eager. The rows move into expert order by scatters that zero the padding rows, forward (the tokens' rows) and
-    backward (the combine's gradient); no rows are scatter-added (the only scatter-add left is the routing weights'
-    gradient, tokens x top-k)."""
-    batch, seq, top_k = 2, 9, 2
+def _rewritten_matches_eager(batch, seq, frozen_experts=False):
+    """A Qwen3-MoE compiled through graph_moe (the AOTAutograd graphs kept) against an eager copy: logits and every
+    gradient on fresh tokens. Returns the last forward and backward graphs and the gradients."""
     model = build("qwen3_moe", layers=1, experts=8)
     reference = build("qwen3_moe", layers=1, experts=8)
     reference.load_state_dict(model.state_dict())
+    if frozen_experts:
+        for m in (model, reference):
+            for name, p in m.named_parameters():
+                p.requires_grad_(".experts." not in name)
     graphs = []
     graph_moe.compile(model, inner=_aot_graphs(graphs))
     ids = torch.randint(0, 64, (batch, seq))
     ref_logits, ref_grads = loss_and_grads(reference, ids)
     logits, grads = loss_and_grads(model, ids)
     assert_close_bf16(logits, ref_logits, "logits")
+    assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         assert_close_bf16(grads[name], ref_grads[name], name)
-    forward, backward = graphs[-2:]
+    return graphs[-2], graphs[-1], grads
+
+
+def test_rows_move_without_atomics_with_padding():
+    """Full fine-tuning (each expert's rows padded to 8, so padding rows exist): logits and every gradient as in
+    eager. The rows move into expert order by scatters that zero the padding rows, forward (the tokens' rows) and
+    backward (the combine's gradient); no rows are scatter-added (the only scatter-add left is the routing weights'
+    gradient, tokens x top-k)."""
+    batch, seq, top_k = 2, 9, 2
+    forward, backward, _ = _rewritten_matches_eager(batch, seq)
+    graphs = (forward, backward)
     row_ops = ("gather_token_rows", "unsort_rows", "add_slots")
     assert not any(op in str(n.target) for g in graphs for n in g.graph.nodes for op in row_ops)  # traced into
     for graph in (forward, backward):  # the rows written in, then the padding rows zeroed
@@ -112,22 +124,8 @@ def test_rows_move_by_scatters_without_padding():
     token order, and the slots' gradient stays a view of the tokens' (no select_backward). Logits and every
     gradient (the router's and the attention's need the MoE input's gradient) as in eager, on fresh tokens."""
     batch, seq, top_k = 2, 9, 2
-    model = build("qwen3_moe", layers=1, experts=8)
-    reference = build("qwen3_moe", layers=1, experts=8)
-    reference.load_state_dict(model.state_dict())
-    for m in (model, reference):
-        for name, p in m.named_parameters():
-            p.requires_grad_(".experts." not in name)
-    graphs = []
-    graph_moe.compile(model, inner=_aot_graphs(graphs))
-    ids = torch.randint(0, 64, (batch, seq))
-    ref_logits, ref_grads = loss_and_grads(reference, ids)
-    logits, grads = loss_and_grads(model, ids)
-    assert_close_bf16(logits, ref_logits, "logits")
-    assert grads.keys() == ref_grads.keys() and any("router" in n or "gate" in n for n in grads)
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
-    forward, backward = graphs[-2:]
+    forward, backward, grads = _rewritten_matches_eager(batch, seq, frozen_experts=True)
+    assert any("gate" in n for n in grads)  # the router's gradient needs the MoE input's
     for graph in (forward, backward):  # one scatter of rows each way, not accumulating
         rows = [n for n in _index_puts(graph)
                 if n.meta["val"].dim() == 2 and n.meta["val"].shape[0] == batch * seq * top_k]

@@ -23,11 +23,18 @@ def _scores(tokens, experts, ties=False, device="cpu"):
     return torch.softmax(logits, dim=-1)
 
 
+def _top(k, compiled):
+    def top(scores):
+        return router_topk(scores, k)
+
+    return torch.compile(top, backend="inductor") if compiled else top
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_router_topk_is_topk(compiled):
     """Values and indices as torch.topk's on distinct scores; the scores' gradient as topk's."""
     torch.library.opcheck(router_topk, (_scores(9, 12), 3))
-    fn = (lambda s: router_topk(s, 5)) if not compiled else torch.compile(lambda s: router_topk(s, 5), backend="inductor")
+    fn = _top(5, compiled)
     scores = _scores(37, 24).requires_grad_()
     reference = scores.detach().clone().requires_grad_()
     values, indices = fn(scores)
@@ -42,7 +49,7 @@ def test_router_topk_is_topk(compiled):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_router_topk_ties_go_to_lowest_index(compiled):
     """On scores with many equal values: the k largest, equal ones in index order (a stable descending sort)."""
-    fn = (lambda s: router_topk(s, 4)) if not compiled else torch.compile(lambda s: router_topk(s, 4), backend="inductor")
+    fn = _top(4, compiled)
     scores = _scores(64, 16, ties=True)
     values, indices = fn(scores)
     ref_values, ref_indices = torch.sort(scores, dim=-1, descending=True, stable=True)
