@@ -14,20 +14,7 @@ import os
 
 import torch
 
-from graph_moe.bench import benchmark_block, graph_moe_and_peer, layer_step
-
-
-def back_to_back_ms(step, iters):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from graph_moe.bench import _cuda_time, benchmark_block, graph_moe_and_peer, layer_step
 
 
 def gaps(trace_path, steps, min_gap_us=10.0):
@@ -68,7 +55,7 @@ def main():
                 step = layer_step(fn, x, g, backward)
                 row = {"variant": name, "tokens": tokens, "step": "fwd_bwd" if backward else "fwd"}
                 for iters in (5, 20, 50):
-                    row[f"back_to_back_{iters}_ms"] = back_to_back_ms(step, iters)
+                    row[f"back_to_back_{iters}_ms"] = _cuda_time(step, iters=iters, back_to_back=True)
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):
