@@ -17,10 +17,13 @@ from graph_moe.bench import SHAPES, benchmark_block, block_variant, graph_moe_bl
 
 
 def make_variant(name, block):
+    """hf_loop_{frozen,lora,qlora} or graph_moe_{frozen,lora,qlora}, with `_low_memory`: low_memory_4bit=True."""
+    low_memory = name.endswith("_low_memory")
+    name = name.removesuffix("_low_memory")
     module = block_variant(name.rsplit("_", 1)[-1] if name.endswith("lora") else "frozen", block)
     if name.startswith("hf_loop"):
         return (lambda x: module(x)[0]), module
-    fn = graph_moe_block(module)
+    fn = graph_moe_block(module, low_memory_4bit=low_memory)
     return fn, fn.module
 
 
@@ -45,7 +48,7 @@ def live_at_peak(snapshot, top=12):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["graph_moe_qlora", "hf_loop_qlora"])
+    p.add_argument("--variants", nargs="+", default=["graph_moe_qlora", "graph_moe_qlora_low_memory", "hf_loop_qlora"])
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--snapshot", action="store_true", help="also list the largest blocks alive at the peak")

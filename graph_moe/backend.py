@@ -65,7 +65,7 @@ def _warn_if_ddp_splits(reports) -> None:
 
 
 def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
-                 fuse_projections: bool = True, router_topk: bool = False,
+                 fuse_projections: bool = True, router_topk: bool = False, low_memory_4bit: bool = False,
                  on_reports: Callable[[list[LoopReport]], Any] | None = None):
     """Build a graph_moe backend.
 
@@ -74,13 +74,17 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
     fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
     router_topk: on CUDA, the router's top-k of a softmax as k arg-max steps fused into one kernel
         (passes/router_topk.py): faster at many tokens, but that kernel takes Inductor ~10 s to compile.
+    low_memory_4bit: bitsandbytes 4-bit (QLoRA) experts dequantized a few at a time inside their grouped GEMMs
+        (passes/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's, for more host time
+        per call (on CUDA with Triton; elsewhere no change).
     on_reports: called with the LoopReports of every captured graph (graph_moe.explain uses it).
     """
     if isinstance(inner, str) and inner not in INNER:
         raise ValueError(f"graph_moe: inner compiler must be one of {INNER} or a backend callable, not {inner!r}")
 
     def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk)
+        reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk,
+                                    low_memory_4bit=low_memory_4bit)
         record(reports)
         if not reports:
             _warn_if_router_without_loop(gm)

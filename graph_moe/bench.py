@@ -179,7 +179,7 @@ def block_variant(kind: str, block):
     return {"frozen": lambda: block, "lora": lambda: with_lora(block), "qlora": lambda: with_lora(with_nf4(block))}[kind]()
 
 
-def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=False):
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=False, low_memory_4bit=False):
     import copy
 
     import graph_moe
@@ -194,7 +194,7 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
     def first_output(hidden):
         return ours(hidden)[0]
 
-    backend = graph_moe.make_backend("inductor", mode=mode, router_topk=router_topk)
+    backend = graph_moe.make_backend("inductor", mode=mode, router_topk=router_topk, low_memory_4bit=low_memory_4bit)
     compiled = torch.compile(first_output, backend=backend)
 
     def forward(hidden):
@@ -227,7 +227,10 @@ def unsloth_block(block):
 
 
 def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None,
-        unsloth=False, only=None, autotune=False, router_topk=False) -> list[dict]:
+        unsloth=False, only=None, autotune=False, router_topk=False, on_results=None) -> list[dict]:
+    """Every variant's numbers, one row per shape and token count after a row for the card. `on_results` is
+    called with the rows so far after each token count (the CLI writes its JSON then: a run stopped early keeps
+    what it measured)."""
     from torch._dynamo.utils import counters
     from tqdm import tqdm
 
@@ -236,6 +239,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
     ceilings = card_ceilings()
     log.info("card: %s, bf16 GEMM %.0f TFLOP/s, copy %.2f TB/s", torch.cuda.get_device_name(),
              ceilings["tflops"], ceilings["copy_tbps"])
+    card = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, **ceilings}
     results = []
     for name in shapes:
         torch._dynamo.reset()  # each shape compiles afresh (the recompile limit counts per code object)
@@ -265,6 +269,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         if qlora:
             qlora_block = with_lora(with_nf4(block))
             variants["graph_moe_qlora"] = graph_moe_block(qlora_block, mode)
+            # the 4-bit experts dequantized a few at a time (passes/grouped_mm_4bit.py)
+            variants["graph_moe_qlora_low_memory"] = graph_moe_block(qlora_block, mode, low_memory_4bit=True)
             if stacked:
                 variants["graph_moe_per_expert_qlora"] = graph_moe_block(qlora_block, mode, stack_lora=False)
             if with_loop:
@@ -316,8 +322,10 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 log.info("%s %d tokens %s: fwd %.3f ms, fwd+bwd %.3f ms", name, tokens, vname,
                          row[f"{vname}_fwd_ms"], row[f"{vname}_fwd_bwd_ms"])
             results.append(row)
+            if on_results is not None:
+                on_results([card] + results)
         progress.close()
-    return [{"card": torch.cuda.get_device_name(), "torch": torch.__version__, **ceilings}] + results
+    return [card] + results
 
 
 def _steps(fn, x, trainable) -> dict:
@@ -379,7 +387,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")
     p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
     p.add_argument("--lora", action="store_true", help="also LoRA r=16 on every expert projection (PEFT)")
-    p.add_argument("--qlora", action="store_true", help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT)")
+    p.add_argument("--qlora", action="store_true",
+                   help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT), graph_moe with and without "
+                        "low_memory_4bit=True")
     p.add_argument("--unsloth", action="store_true", help="also unsloth-zoo's grouped forward (needs unsloth)")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")
@@ -392,11 +402,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    def write(results):
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
-                  qlora=args.qlora, mode=args.mode, unsloth=args.unsloth,
-                  only=args.only, autotune=args.autotune, router_topk=args.router_topk)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+                  qlora=args.qlora, mode=args.mode, unsloth=args.unsloth, only=args.only, autotune=args.autotune,
+                  router_topk=args.router_topk, on_results=write)
+    write(results)
     diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}
     log.info("largest |output - HF loop| per variant: %s", {k: f"{v:.3g}" for k, v in diffs.items()})
     print(table(results))

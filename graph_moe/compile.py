@@ -89,20 +89,22 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, **torch_co
 
 
 def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_projections: bool = True,
-            router_topk: bool = False, stack_experts: bool = False, **torch_compile_kwargs) -> nn.Module:
+            router_topk: bool = False, low_memory_4bit: bool = False, stack_experts: bool = False,
+            **torch_compile_kwargs) -> nn.Module:
     """Install graph_moe on `model` and compile it with the graph_moe backend, in place.
 
     inner: the compiler run on the rewritten graphs ("inductor", "aot_eager", "eager" or a backend).
     regional: compile each decoder layer holding an MoE block on its own (default), or the whole
         model as one region.
-    fuse_projections, router_topk: as `graph_moe.make_backend` takes them.
+    fuse_projections, router_topk, low_memory_4bit: as `graph_moe.make_backend` takes them.
     stack_experts: passed to `graph_moe.install` (expert weights as stacked parameters: full fine-tuning of the
         experts without a per-forward copy; for FSDP2, install with it before `fully_shard` instead).
     torch_compile_kwargs: passed to torch.compile (mode=, options=, dynamic=, fullgraph=, ...).
     Returns `model`, whose calls now run compiled; `model._graph_moe_install_report` says what was installed.
     """
     report = install(model, stack_experts=stack_experts)
-    backend = make_backend(inner, fuse_projections=fuse_projections, router_topk=router_topk)
+    backend = make_backend(inner, fuse_projections=fuse_projections, router_topk=router_topk,
+                           low_memory_4bit=low_memory_4bit)
     regions = decoder_layers(model, report) if regional else [model]
     if not regions:
         log.warning("graph_moe.compile: no supported MoE block in %s; compiling the whole model", type(model).__name__)

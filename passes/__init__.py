@@ -76,9 +76,10 @@ def _prove(cand: LoopCandidate) -> ProvenLoop:
 
 
 def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
-                      router_topk: bool = False) -> list[LoopReport]:
+                      router_topk: bool = False, low_memory_4bit: bool = False) -> list[LoopReport]:
     """Rewrite every provable expert loop of `gm` in place; one report per loop found. `router_topk`: the
-    router's top-k as fused arg-max steps too, on CUDA (router_topk.py)."""
+    router's top-k as fused arg-max steps too, on CUDA (router_topk.py). `low_memory_4bit`: 4-bit expert stacks
+    dequantized a few experts at a time (grouped_mm_4bit.py)."""
     reports = []
     for cand in find_loop_candidates(gm.graph):
         block = _block_name(cand)
@@ -87,7 +88,8 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
             if cand.problem:
                 raise Unprovable(cand.problem)
             loop = _prove(cand)
-            gemms = emit(loop, fuse_projections=fuse_projections, router_topk=router_topk)
+            gemms = emit(loop, fuse_projections=fuse_projections, router_topk=router_topk,
+                         low_memory_4bit=low_memory_4bit)
         except Unprovable as why:
             reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, _readable(str(why), gm.graph)))
             continue

@@ -31,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
+from . import grouped_mm_4bit  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm_4bit)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .router_topk import replace_router_topk
 from .swiglu import swiglu_input
@@ -52,6 +53,7 @@ class _Builder:
         self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
         self.new: list[fx.Node] = []
         self.sink: list[fx.Node] = []  # pure producers of weight stacks, moved to their first use once rewritten
+        self.low_memory_4bit = False  # 4-bit stacks dequantized a few experts at a time (grouped_mm_4bit.py)
 
     def _finish(self, node: fx.Node, name: str | None):
         self.new.append(node)
@@ -192,7 +194,8 @@ def _projection_name(weight: fx.Node) -> str:
 _NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules", "parameters"}
 
 
-def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = False) -> list[tuple[str, bool]]:
+def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = False,
+         low_memory_4bit: bool = False) -> list[tuple[str, bool]]:
     """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate
     graph = cand.accumulator.graph
@@ -200,6 +203,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Fa
     if fake_mode is None:
         raise Unprovable("the graph carries no fake tensors to size the rewrite")
     b = _Builder(graph, loop.last_step, fake_mode)
+    b.low_memory_4bit = low_memory_4bit
     try:
         result, projections = _emit_grouped(b, loop, fuse_projections)
     except Exception as e:  # leave the graph exactly as traced
@@ -208,7 +212,13 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Fa
             raise
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
-    _sink_to_first_use(graph, b.sink)
+    # pure producers of stacks no GEMM reads any more (a 4-bit stack read as it is) go; the others move to their use
+    dead = set()
+    for node in sorted(set(b.sink), key=list(graph.nodes).index, reverse=True):
+        if node.graph is graph and not node.users:
+            graph.erase_node(node)
+            dead.add(node)
+    _sink_to_first_use(graph, [n for n in b.sink if n not in dead])
     if router_topk:
         counters["graph_moe"]["router_topk"] += replace_router_topk(loop.candidate.ids, fake_mode)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
@@ -472,24 +482,52 @@ def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
     if cast_to is not None:  # what autocast does to each per-expert linear: rows and weights in its dtype
         x = b.method("to", x, cast_to, name="rows_autocast")
         w = _recompute_in_backward(b.method("to", w, cast_to, name="weights_autocast"))
+    fallback = not _fits_grouped_mm(example_value(x), example_value(w))
+    per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
+    four_bit = _four_bit_stack(w) if b.low_memory_4bit else None
+    if not fallback and not per_call and four_bit is not None:  # dequantized a few experts at a time
+        packed, absmax, shape, blocksize, quant_type = four_bit
+        out = b.call(torch.ops.graph_moe.grouped_mm_4bit, x, packed, absmax, offsets, shape, blocksize, quant_type,
+                     not linears[0].transposed, name=re.sub(r"\W", "_", name))
+        return _plus_bias(b, out, linears, row_expert), fallback
     w_t = b.method("transpose", w, -2, -1) if linears[0].transposed else w  # (E, in, out) for _grouped_mm
     if w_t is not w and _is_recomputed(w):
         _recompute_in_backward(w_t)
-    fallback = not _fits_grouped_mm(example_value(x), example_value(w))
-    per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
     if not fallback and per_call:
         out = b.call(grouped_mm_in_chunks, x, w_t, offsets, per_call, name=re.sub(r"\W", "_", name))
     elif not fallback:
         out = b.call(torch._grouped_mm, x, w_t, offs=offsets, name=re.sub(r"\W", "_", name))
     else:  # the compiled torch._grouped_mm takes bfloat16 only
         out = b.call(torch.ops.graph_moe.grouped_mm, x, w_t, offsets, name=re.sub(r"\W", "_", name))
+    return _plus_bias(b, out, linears, row_expert), fallback
+
+
+def _plus_bias(b: _Builder, out, linears, row_expert):
+    """The grouped GEMM's rows plus each row's expert's bias, where the linears have one."""
     if any(g.biases for g in linears):
         if not all(g.biases for g in linears):
             raise Unprovable("fused projections with and without bias")
         bias = b.call(torch.cat, [_stack(b, g.biases, "bias") for g in linears], 1) if len(linears) > 1 \
             else _stack(b, linears[0].biases, "stacked_bias")
         out = b.call(operator.add, out, b.call(operator.getitem, bias, row_expert, name="row_bias"))
-    return out, fallback
+    return out
+
+
+def _four_bit_stack(w: fx.Node):
+    """(packed, absmax, shape, blocksize, quant_type) of the 4-bit layout's stack when `w` is its
+    dequantized (E, out, in) weights, `dequantize_4bit(packed, absmax, ...).view(E, out, in)`; else None."""
+    if not (w.op == "call_method" and w.target == "view" and len(w.args) == 4 and isinstance(w.args[0], fx.Node)):
+        return None
+    deq = w.args[0]
+    if deq.target not in (torch.ops.bitsandbytes.dequantize_4bit, torch.ops.bitsandbytes.dequantize_4bit.default) \
+            or len(deq.args) != 6 or deq.kwargs:
+        return None
+    packed, absmax, blocksize, quant_type, _, dtype = deq.args
+    shape = example_value(w).shape
+    if not (all(isinstance(s, int) for s in shape) and dtype == torch.bfloat16 and isinstance(blocksize, int)
+            and isinstance(quant_type, str)):
+        return None
+    return packed, absmax, list(shape), blocksize, quant_type
 
 
 _AUTOCAST_MATMULS = {"linear", "matmul", "mm", "__matmul__"}  # ops autocast runs in its lower precision

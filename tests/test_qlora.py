@@ -134,3 +134,35 @@ def test_dequantized_experts_are_not_saved_for_backward(saved_model):
               ((4, 48, 32), torch.bfloat16)}  # gate_up (E, 2I, H), down (E, H, I), and their transposes
     assert saved and not stacks & set(saved), sorted(map(str, stacks & set(saved)))
     assert counters["graph_moe"]["loops_skipped"] == 0 and all(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("quant", [dict(), dict(double_quant=True, quant_type="fp4")], ids=["nf4", "fp4-double-quant"])
+def test_low_memory_4bit_reads_the_4bit_stacks(saved_model, quant):
+    """low_memory_4bit=True: both grouped GEMMs are graph_moe::grouped_mm_4bit on the packed stacks (the experts
+    dequantized a few at a time inside it, passes/grouped_mm_4bit.py); no dequantize left in the graph."""
+    model, reference = _load_4bit(saved_model, **quant), _load_4bit(saved_model, **quant)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep, low_memory_4bit=True)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert_close_bf16(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, "logits")
+    assert counters["graph_moe"]["loops_rewritten"] == 1 and counters["graph_moe"]["loops_skipped"] == 0
+    assert keep.count("grouped_mm_4bit") == 2 and keep.count("_grouped_mm") == keep.count("index_add_") == 0
+    assert _dequantize_calls(keep) == 0
+
+
+def test_low_memory_4bit_qlora_grads_equal_eager_and_save_no_stack(saved_model):
+    model, reference = _qlora(saved_model), _qlora(saved_model)
+    graph_moe.compile(model, inner="aot_eager", low_memory_4bit=True)
+    ids = torch.randint(0, 64, (2, 7))
+    loss, grads = _loss_and_lora_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
+    assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
+    assert_close_bf16(loss, ref_loss, "loss")
+    for name in ref_grads:
+        assert_close_bf16(grads[name], ref_grads[name], name)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        _loss_and_lora_grads(model, ids)
+    assert saved and not {shape for shape, dtype in saved if dtype == torch.bfloat16} & {
+        (4, 96, 32), (4, 32, 48), (4, 32, 96), (4, 48, 32)}

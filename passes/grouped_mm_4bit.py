@@ -1,0 +1,165 @@
+"""A grouped GEMM on bitsandbytes 4-bit expert stacks that dequantizes a few experts at a time (`low_memory_4bit`).
+
+The 4-bit layout (graph_moe/layout.py, `Stacked4bit`) keeps one projection's packed weights for every expert. By
+default the grouped graph dequantizes a whole stack before its grouped GEMM, in the forward and again in the backward:
+805 MB of bf16 for gate+up at Qwen3-30B-A3B, the layer's transient peak (1.24 GB at 4096 tokens against the HF
+loop's 0.74, which dequantizes one expert at a time). With `low_memory_4bit=True` the pass emits this op instead: the
+experts are dequantized in chunks of at most CHUNK_BYTES, and each chunk's groups of rows are multiplied before the
+next chunk is made:
+
+    grouped_mm_4bit(x, packed, absmax, offs, shape, blocksize, quant_type, transposed)
+        == torch._grouped_mm(x, W.transpose(-2, -1) or W, offs=offs)
+        with W = bitsandbytes' dequantize_4bit(packed, absmax, blocksize, quant_type) viewed as `shape` (E, out, in)
+
+`transposed=False` is the forward (x @ W[e].T: rows of `in` give rows of `out`); `transposed=True` is its input
+gradient (rows of `out` give rows of `in`). The weights are frozen (4-bit), so that is all the backward needs.
+
+torch._grouped_mm cannot take a chunk's groups alone: its first group starts at row 0, and where a chunk's rows start
+is known only on the GPU. The Triton kernel here takes the groups of one chunk: persistent programs find that chunk's
+row tiles from the offsets on the GPU (no host sync). Without CUDA or Triton the op is the whole dequantize and
+torch._grouped_mm. It is opaque to AOTAutograd: traced into, that dequantize in the forward and the one in the
+backward would become one node (CSE), saved from forward to backward.
+
+What it costs (H200, Qwen3-30B-A3B, 4096 tokens; benchmarks/*session11*): the peak of a QLoRA layer's
+forward+backward 1.24 -> 0.69 GB (HF loop 0.74). The Triton GEMM runs 5-15% behind CUTLASS per call, and each chunk
+is a dequantize and a kernel launch from Python (~60 us of host time; ~0.3 ms a call with 4 chunks): 4.00 / 7.16 ->
+4.17 / 8.02 ms forward / forward+backward, so it is opt-in.
+
+A kernel that dequantized each weight tile in registers, inside the GEMM (no bf16 weights at all), was 12x slower
+than dequantize + torch._grouped_mm at 16384 tokens: every row tile dequantizes the tiles again, 8 times per weight
+there, and the loads by nibble and the 16-value lookup do not vectorize
+(`..._session11_grouped_mm_4bit_in_register_dequant.json`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+def _dequantized(packed: Tensor, absmax: Tensor, shape: list[int], blocksize: int, quant_type: str,
+                 dtype: torch.dtype) -> Tensor:
+    experts, out, inner = shape
+    weights = torch.ops.bitsandbytes.dequantize_4bit(packed.view(-1, 1), absmax.view(-1), blocksize, quant_type,
+                                                     [experts * out, inner], dtype)
+    return weights.view(experts, out, inner)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kernel(x_ptr, w_ptr, offs_ptr, y_ptr, N, K, FIRST, LAST, stride_x, stride_y, stride_wg, stride_wn, stride_wk,
+                GROUPS_POW2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+        """y[rows of group g] = x[rows] @ B[g] for the groups FIRST..LAST-1, B[g][k, n] at w + (g - FIRST) *
+        stride_wg + n * stride_wn + k * stride_wk. Persistent: the programs take the range's (row tile, column
+        tile) pairs in turn; the row tiles are found from the offsets on the GPU (no host sync)."""
+        g = tl.arange(0, GROUPS_POW2)
+        mine_range = (g >= FIRST) & (g < LAST)
+        ends = tl.load(offs_ptr + g, mask=mine_range, other=0)
+        starts = tl.load(offs_ptr + g - 1, mask=mine_range & (g >= 1), other=0)
+        tiles = tl.where(mine_range, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        tile_ends = tl.cumsum(tiles, 0)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        for t in range(tl.program_id(0), tl.sum(tiles, 0) * tiles_n, tl.num_programs(0)):
+            pid_m = t // tiles_n  # consecutive tiles share one row tile (from L2)
+            group = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
+            mine = g == group
+            first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)
+            rows = tl.sum(tl.where(mine, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_group = rows < tl.sum(tl.where(mine, ends, 0), 0)
+            cols = (t % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            a_ptrs = x_ptr + tl.where(in_group, rows, 0).to(tl.int64)[:, None] * stride_x + ks[None, :]
+            # A select on the columns hides their contiguity from Triton: where the weights are contiguous along
+            # the columns (the transposed GEMM) its loads then go element by element, 10x slower.
+            cols_in = cols if EVEN_N else tl.where(cols < N, cols, 0)
+            b_ptrs = (w_ptr + (group - FIRST).to(tl.int64) * stride_wg + ks[:, None] * stride_wk
+                      + cols_in[None, :] * stride_wn)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for _ in range(0, tl.cdiv(K, BLOCK_K)):  # K % BLOCK_K == 0: no masks along K
+                acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K * stride_wk
+            y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (cols[None, :] < N))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): chosen on an H200 by benchmarks/grouped_mm_4bit.py.
+CONFIG = (128, 256, 64, 8, 4)
+CHUNK_BYTES = 256 * 2**20  # the most dequantized weights alive at once
+
+
+def _uses_triton(x: Tensor, packed: Tensor, absmax: Tensor, shape, transposed: bool, config) -> bool:
+    reduced = shape[1] if transposed else shape[2]
+    return (triton is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.stride(-1) == 1
+            and packed.is_contiguous() and absmax.is_contiguous() and reduced % config[2] == 0 and shape[0] <= 4096)
+
+
+def experts_per_chunk(shape, chunk_bytes: int) -> int:
+    """Experts dequantized at once: as many as fit `chunk_bytes` in bf16, spread evenly over the chunks."""
+    experts, out, inner = shape
+    most = max(1, chunk_bytes // (2 * out * inner))
+    chunks = -(-experts // most)
+    return -(-experts // chunks)
+
+
+def _grouped_mm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, offs: Tensor, shape: list[int],
+                     blocksize: int, quant_type: str, transposed: bool, config=None, chunk_bytes=None) -> Tensor:
+    config = config or CONFIG
+    if not _uses_triton(x, packed, absmax, shape, transposed, config):
+        weights = _dequantized(packed, absmax, shape, blocksize, quant_type, x.dtype)
+        return torch._grouped_mm(x, weights if transposed else weights.transpose(-2, -1), offs=offs)
+    experts, out, inner = shape
+    n, k = (inner, out) if transposed else (out, inner)
+    block_m, block_n, block_k, warps, stages = config
+    y = x.new_empty(x.shape[0], n)
+    chunk = experts_per_chunk(shape, chunk_bytes or CHUNK_BYTES)
+    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    per_expert, scales = out * inner // 2, out * inner // blocksize
+    for first in range(0, experts, chunk):
+        last = min(experts, first + chunk)
+        w = _dequantized(packed[first * per_expert:last * per_expert], absmax[first * scales:last * scales],
+                         [last - first, out, inner], blocksize, quant_type, x.dtype)
+        # B[k, n] = W[n, k] (the forward, x @ W.T) or W[k, n] (transposed); W (out, in) row-major
+        stride_wn, stride_wk = (1, inner) if transposed else (inner, 1)
+        _kernel[(programs,)](x, w, offs, y, n, k, first, last, x.stride(0), y.stride(0), out * inner, stride_wn,
+                             stride_wk, GROUPS_POW2=triton.next_power_of_2(experts), EVEN_N=n % block_n == 0,
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        del w  # freed before the next chunk is made
+    return y
+
+
+@torch.library.custom_op("graph_moe::grouped_mm_4bit", mutates_args=())
+def grouped_mm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, offs: Tensor, shape: list[int], blocksize: int,
+                    quant_type: str, transposed: bool) -> Tensor:
+    """x (rows, in) @ W[e].T per group of rows (or x (rows, out) @ W[e] when `transposed`), W the (E, out, in)
+    weights bitsandbytes' dequantize_4bit(packed, absmax, blocksize, quant_type) gives; offs int32 end offsets."""
+    return _grouped_mm_4bit(x, packed, absmax, offs, shape, blocksize, quant_type, transposed)
+
+
+@grouped_mm_4bit.register_fake
+def _(x, packed, absmax, offs, shape, blocksize, quant_type, transposed):
+    return x.new_empty(x.shape[0], shape[2] if transposed else shape[1])
+
+
+def _backward(ctx, grad):
+    packed, absmax, offs = ctx.saved_tensors
+    grad_x = torch.ops.graph_moe.grouped_mm_4bit(grad.contiguous(), packed, absmax, offs, ctx.shape, ctx.blocksize,
+                                                 ctx.quant_type, not ctx.transposed)
+    return grad_x, None, None, None, None, None, None, None
+
+
+def _setup(ctx, inputs, output):
+    _, packed, absmax, offs, ctx.shape, ctx.blocksize, ctx.quant_type, ctx.transposed = inputs
+    ctx.save_for_backward(packed, absmax, offs)
+
+
+grouped_mm_4bit.register_autograd(_backward, setup_context=_setup)
