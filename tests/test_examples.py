@@ -9,11 +9,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script,inner", [("quickstart.py", "eager"), ("lora_finetune.py", "aot_eager"),
-                                               ("qlora_finetune.py", "aot_eager")])
-def test_example_runs(script, inner):
+@pytest.mark.parametrize("script,inner,flags", [("quickstart.py", "eager", []), ("lora_finetune.py", "aot_eager", []),
+                                                 ("qlora_finetune.py", "aot_eager", ["--low-memory-4bit"])])
+def test_example_runs(script, inner, flags):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", inner,
-                           "--steps", "2"], capture_output=True, text=True, timeout=600)
+                           "--steps", "2", *flags], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1: loss" in proc.stdout
     assert "'loops_rewritten': 0" not in proc.stdout and "loops_rewritten" in proc.stdout
