@@ -114,6 +114,8 @@ def experts_per_chunk(shape, chunk_bytes: int) -> int:
 def _grouped_mm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, offs: Tensor, shape: list[int],
                      blocksize: int, quant_type: str, transposed: bool, config=None, chunk_bytes=None) -> Tensor:
     config = config or CONFIG
+    if x.shape[0] == 0:  # no rows (a gradient of no rows may have zero strides, which torch._grouped_mm rejects)
+        return x.new_zeros(0, shape[2] if transposed else shape[1])
     if not _uses_triton(x, packed, absmax, shape, transposed, config):
         weights = _dequantized(packed, absmax, shape, blocksize, quant_type, x.dtype)
         return torch._grouped_mm(x, weights if transposed else weights.transpose(-2, -1), offs=offs)

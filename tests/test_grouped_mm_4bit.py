@@ -71,6 +71,15 @@ def test_fake_shapes():
         assert torch.ops.graph_moe.grouped_mm_4bit(g, packed, absmax, offs, shape, 64, "nf4", True).shape == (10, 64)
 
 
+def test_no_rows():
+    packed, absmax, shape = _stack(3, 32, 64, "nf4", "cpu")
+    x = torch.randn(0, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.ops.graph_moe.grouped_mm_4bit(x, packed, absmax, torch.zeros(3, dtype=torch.int32), shape, 64, "nf4",
+                                            False)
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 64)
+
+
 def test_experts_per_chunk():
     assert op.experts_per_chunk([128, 1536, 2048], 256 * 2**20) == 32  # Qwen3-30B-A3B gate+up: 6 MB an expert
     assert op.experts_per_chunk([128, 2048, 768], 256 * 2**20) == 64
