@@ -17,26 +17,16 @@ import json
 
 import torch
 
+from graph_moe.bench import _cuda_time
 from graph_moe.passes import grouped_mm_4bit as op
 
 CONFIGS = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 CHUNK_MB = [op.CHUNK_BYTES // 2**20, 128, 1024]
 
 
-def _time_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return sorted(times)[2]
+def _time_ms(fn):
+    """ms per call, 20 calls back to back (GPU time), the median of 5 such runs."""
+    return sorted(_cuda_time(fn, warmup=1, iters=20, back_to_back=True) for _ in range(5))[2]
 
 
 def _peak_mb(fn):

@@ -53,7 +53,6 @@ class _Builder:
         self.graph, self.anchor, self.fake_mode = graph, anchor, fake_mode
         self.new: list[fx.Node] = []
         self.sink: list[fx.Node] = []  # pure producers of weight stacks, moved to their first use once rewritten
-        self.low_memory_4bit = False  # 4-bit stacks dequantized a few experts at a time (grouped_mm_4bit.py)
 
     def _finish(self, node: fx.Node, name: str | None):
         self.new.append(node)
@@ -203,9 +202,8 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Fa
     if fake_mode is None:
         raise Unprovable("the graph carries no fake tensors to size the rewrite")
     b = _Builder(graph, loop.last_step, fake_mode)
-    b.low_memory_4bit = low_memory_4bit
     try:
-        result, projections = _emit_grouped(b, loop, fuse_projections)
+        result, projections = _emit_grouped(b, loop, fuse_projections, low_memory_4bit)
     except Exception as e:  # leave the graph exactly as traced
         _drop(graph, b.new)
         if os.environ.get("GRAPH_MOE_DEBUG"):
@@ -226,7 +224,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Fa
     return projections
 
 
-def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
+def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_memory_4bit: bool):
     cand = loop.candidate
     ids = cand.ids
     ids_val = example_value(ids)
@@ -295,7 +293,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
                 w = b.call(torch.cat, [w_a, w_b], out_dim, name="stacked_weight")
                 if _is_recomputed(w_a) or _is_recomputed(w_b):
                     _recompute_in_backward(w)
-                out, fallback = _grouped(b, x, w, grouped_offsets, [g, partner], row_expert, names)
+                out, fallback = _grouped(b, x, w, grouped_offsets, [g, partner], row_expert, names, low_memory_4bit)
                 split = b.method("split", out, [b.size(w_a, out_dim), b.size(w_b, out_dim)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
                 env[partner.node] = b.call(operator.getitem, split, 1,
@@ -304,7 +302,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool):
             else:
                 name = _projection_name(g.weights[0])
                 w = _stack(b, g.weights, "stacked_weight")
-                env[node], fallback = _grouped(b, x, w, grouped_offsets, [g], row_expert, name)
+                env[node], fallback = _grouped(b, x, w, grouped_offsets, [g], row_expert, name, low_memory_4bit)
                 projections.append((name, fallback))
             continue
         env[node] = b.copy(node, env)
@@ -477,14 +475,14 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
     _drop_unused(graph, [cand.mask])
 
 
-def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name):
+def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4bit: bool = False):
     cast_to = _autocast_dtype(example_value(x), example_value(w), linears)
     if cast_to is not None:  # what autocast does to each per-expert linear: rows and weights in its dtype
         x = b.method("to", x, cast_to, name="rows_autocast")
         w = _recompute_in_backward(b.method("to", w, cast_to, name="weights_autocast"))
     fallback = not _fits_grouped_mm(example_value(x), example_value(w))
     per_call = groups_per_call(example_value(x), example_value(w))  # the CUDA kernel takes < 1024 groups
-    four_bit = _four_bit_stack(w) if b.low_memory_4bit else None
+    four_bit = _four_bit_stack(w) if low_memory_4bit else None
     if not fallback and not per_call and four_bit is not None:  # dequantized a few experts at a time
         packed, absmax, shape, blocksize, quant_type = four_bit
         out = b.call(torch.ops.graph_moe.grouped_mm_4bit, x, packed, absmax, offsets, shape, blocksize, quant_type,
