@@ -38,6 +38,8 @@ def save_model_and_tokenizer(path, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-graph-moe", action="store_true", help="Unsloth alone (its own grouped forward where it applies)")
+    p.add_argument("--low-memory-4bit", action="store_true",
+                   help="graph_moe dequantizes the 4-bit experts a few at a time (less peak memory)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
@@ -58,7 +60,8 @@ def main():
     if not args.no_graph_moe:
         from graph_moe.integrations import unsloth as graph_moe_unsloth
 
-        graph_moe_unsloth.enable()  # before loading: Unsloth's loaders now end with graph_moe's install
+        # before loading: Unsloth's loaders now end with graph_moe's install
+        graph_moe_unsloth.enable(low_memory_4bit=args.low_memory_4bit)
     from unsloth import FastLanguageModel  # noqa: E402  (Unsloth wants to be imported before transformers)
     import torch
 

@@ -97,3 +97,22 @@ def test_global_inductor_pass_is_added_once_and_keeps_others():
         assert isinstance(current, GraphMoePass) and list(current.then) == [users_pass]
         assert model._graph_moe_install_report.num_installed == 1
     assert torch._inductor.config.pre_grad_custom_pass is None
+
+
+def test_apply_passes_the_rewrite_settings_on(monkeypatch):
+    """low_memory_4bit (for Unsloth's QLoRA users) reaches the blocks' backend and the global Inductor pass."""
+    from graph_moe.inductor_pass import GraphMoePass
+
+    made = []
+    make_backend = graph_moe_unsloth.make_backend
+    monkeypatch.setattr(graph_moe_unsloth, "make_backend", lambda *a, **kw: made.append(kw) or make_backend(*a, **kw))
+    with torch._inductor.config.patch(pre_grad_custom_pass=None):
+        model = graph_moe_unsloth.apply(build("qwen3_moe", layers=1), inner="aot_eager", global_pass=True,
+                                        low_memory_4bit=True)
+        current = torch._inductor.config.pre_grad_custom_pass
+        assert isinstance(current, GraphMoePass)
+        assert current.settings == {"fuse_projections": True, "router_topk": False, "low_memory_4bit": True}
+    assert len(made) == 1 and made[0]["low_memory_4bit"] is True
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 7)), use_cache=False)
+    assert counters["graph_moe"]["loops_rewritten"] == 1

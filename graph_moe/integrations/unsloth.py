@@ -16,7 +16,9 @@ instances, after Unsloth is done with the model:
   and PEFT's `PeftModel.from_pretrained`, so `apply` runs after each of them: after loading, after LoRA is added,
   after a saved adapter is attached.
 
-Both are no-ops with a log line when Unsloth is not installed or a model has no supported MoE block.
+Both take the rewrite's settings as `graph_moe.compile` does (`low_memory_4bit=True`: 4-bit experts dequantized a
+few at a time, less peak memory for QLoRA), and are no-ops with a log line when Unsloth is not installed or a model
+has no supported MoE block.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from graph_moe.install import install
 log = logging.getLogger("graph_moe")
 
 _WRAPPED = "_graph_moe_wrapped"
+_SETTINGS: dict = {}  # the rewrite settings enable() was given, for the loads it wraps
 
 
 def unsloth_available() -> bool:
@@ -62,7 +65,7 @@ def _take_over_from_unsloth(model: nn.Module) -> int:
     return carried
 
 
-def add_global_inductor_pass() -> None:
+def add_global_inductor_pass(**settings) -> None:
     """Put the graph_moe pass into the global Inductor config, composed with any pass already there.
 
     Unsloth compiles whole decoder layers with Inductor and a fixed options dict that cannot carry a pass; the
@@ -73,19 +76,23 @@ def add_global_inductor_pass() -> None:
 
     from graph_moe.inductor_pass import inductor_options
 
-    inductor_config.pre_grad_custom_pass = inductor_options()["pre_grad_custom_pass"]  # keeps others' passes, once
+    # keeps others' passes, once
+    inductor_config.pre_grad_custom_pass = inductor_options(**settings)["pre_grad_custom_pass"]
 
 
-def apply(model: nn.Module, *, inner="inductor", options: dict | None = None,
-          global_pass: bool | None = None) -> nn.Module:
+def apply(model: nn.Module, *, inner="inductor", options: dict | None = None, global_pass: bool | None = None,
+          **settings) -> nn.Module:
     """Install graph_moe on `model`'s MoE blocks (taking them over from Unsloth) and compile each block.
 
     inner: the compiler run on the rewritten graphs; options: Inductor options (default: Unsloth's own).
     global_pass: also add the pass to the global Inductor config (default: when Unsloth is installed).
+    settings: the rewrite's (fuse_projections, router_topk, low_memory_4bit), as `graph_moe.make_backend` takes
+    them; default: what `enable()` was given.
     Idempotent: run it again after adapters are added or attached. Returns `model`.
     """
+    settings = {**_SETTINGS, **settings}
     if unsloth_available() if global_pass is None else global_pass:
-        add_global_inductor_pass()
+        add_global_inductor_pass(**settings)
     _take_over_from_unsloth(model)
     report = install(model)
     modules = dict(model.named_modules())
@@ -94,7 +101,7 @@ def apply(model: nn.Module, *, inner="inductor", options: dict | None = None,
         log.info("graph_moe: no supported MoE block in %s; left as it is\n%s", type(model).__name__, report)
         return model
     options = unsloth_compile_options() if options is None else options
-    backend = make_backend(inner, options=options if inner == "inductor" else None)
+    backend = make_backend(inner, options=options if inner == "inductor" else None, **settings)
     compiled = compile_regions(blocks, backend, keep_compiled=True)
     model._graph_moe_install_report = report
     log.info("graph_moe: %d MoE block(s) installed, %d newly compiled", report.num_installed, compiled)
@@ -119,12 +126,15 @@ def _apply_after(func, owner: str):
     return wrapper
 
 
-def enable() -> bool:
-    """Make every Unsloth load (and PEFT adapter attach) end with `apply`. Returns False without Unsloth."""
+def enable(**settings) -> bool:
+    """Make every Unsloth load (and PEFT adapter attach) end with `apply`, with these rewrite settings (as
+    `graph_moe.make_backend` takes them, e.g. low_memory_4bit=True). Returns False without Unsloth."""
     if not unsloth_available():
         log.info("graph_moe: Unsloth is not installed; graph_moe.integrations.unsloth.enable() does nothing "
                  "(use graph_moe.compile(model) instead)")
         return False
+    _SETTINGS.clear()
+    _SETTINGS.update(settings)
     import unsloth  # noqa: F401  (Unsloth must be imported before transformers' models are built)
     from peft import PeftModel
 
