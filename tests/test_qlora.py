@@ -91,21 +91,22 @@ def test_4bit_layout_keeps_weights_4bit_and_shared(saved_model):
             assert torch.equal(p.data, before[n]), n  # same packed bytes, now views
 
 
+@pytest.mark.parametrize("low_memory_4bit", [False, True], ids=["", "low-memory"])
 @pytest.mark.parametrize("gradient_checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}],
                          ids=["plain", "checkpointing-reentrant", "checkpointing-non-reentrant"])
-def test_qlora_loss_and_lora_grads_equal_eager(saved_model, gradient_checkpointing):
+def test_qlora_loss_and_lora_grads_equal_eager(saved_model, gradient_checkpointing, low_memory_4bit):
     model = _qlora(saved_model, gradient_checkpointing=gradient_checkpointing)
     reference = _qlora(saved_model, gradient_checkpointing=gradient_checkpointing)
     model.train(), reference.train()
     keep = Keep()
-    graph_moe.compile(model, inner=keep)
+    graph_moe.compile(model, inner=keep, low_memory_4bit=low_memory_4bit)
     weights = {b.weights for b in model._graph_moe_install_report.blocks}
     assert weights == {"grouped layout; LoRA stacked (3 projection x adapter)"}
     ids = torch.randint(0, 64, (2, 7))
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
     assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
-    assert keep.count("index_add_") == 0
+    assert keep.count("index_add_") == 0 and (keep.count("grouped_mm_4bit") > 0) == low_memory_4bit
     assert_close_bf16(loss, ref_loss, "loss")
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 3 * 4 * 2  # layers x projections x experts x A/B
     for name in ref_grads:
