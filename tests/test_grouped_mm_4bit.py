@@ -100,3 +100,31 @@ def test_triton_chunks_equal_dequantize_then_grouped_mm(quant_type, experts, out
     _check("cuda", experts, out, inner, quant_type, rows=700)
     for experts_per_chunk in (1, 3):
         _check("cuda", experts, out, inner, quant_type, rows=700, chunk_bytes=2 * out * inner * experts_per_chunk)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or op.triton is None, reason="the Triton kernel needs CUDA")
+def test_triton_chunks_replay_in_a_cuda_graph():
+    """Captured once (mode="reduce-overhead" does this), replayed on new rows and new offsets: nothing in the op
+    depends on the offsets' values on the host."""
+    torch.manual_seed(0)
+    packed, absmax, shape = _stack(8, 192, 128, "nf4", "cuda")
+    offs = _routing(8, 700, "cuda")
+    x = torch.randn(700, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        return op._grouped_mm_4bit(x, packed, absmax, offs, shape, 64, "nf4", False, chunk_bytes=2 * 192 * 128 * 3)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # Triton compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    x.copy_(torch.randn_like(x))
+    offs.copy_(_routing(8, 700, "cuda", empty=(2, 5)))
+    graph.replay()
+    used = int(offs[-1])
+    ref = _reference(x, packed, absmax, shape, "nf4", offs, False)
+    torch.testing.assert_close(y[:used].float(), ref[:used].float(), rtol=2e-2, atol=2e-2)
