@@ -33,6 +33,9 @@ there, and the loads by nibble and the 16-value lookup do not vectorize
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import Tensor
 
@@ -42,6 +45,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
+
+log = logging.getLogger("graph_moe")
 
 
 def _dequantized(packed: Tensor, absmax: Tensor, shape: list[int], blocksize: int, quant_type: str,
@@ -98,9 +103,22 @@ CHUNK_BYTES = 256 * 2**20  # the most dequantized weights alive at once
 
 
 def _uses_triton(x: Tensor, packed: Tensor, absmax: Tensor, shape, transposed: bool, config) -> bool:
+    if not x.is_cuda:
+        return False
     reduced = shape[1] if transposed else shape[2]
-    return (triton is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.stride(-1) == 1
-            and packed.is_contiguous() and absmax.is_contiguous() and reduced % config[2] == 0 and shape[0] <= 4096)
+    why = ("Triton is not installed" if triton is None else
+           "the rows are not bf16 with contiguous rows" if x.dtype != torch.bfloat16 or x.stride(-1) != 1 else
+           "the 4-bit stack is not contiguous" if not (packed.is_contiguous() and absmax.is_contiguous()) else
+           f"{reduced} (the reduced dim) is not a multiple of {config[2]}" if reduced % config[2] else
+           "more than 4096 experts" if shape[0] > 4096 else None)
+    if why is not None:
+        _warn_whole_stack(why)
+    return why is None
+
+
+@functools.cache
+def _warn_whole_stack(why: str) -> None:
+    log.warning("graph_moe: low_memory_4bit: %s, so this 4-bit stack is dequantized whole (as without the option)", why)
 
 
 def experts_per_chunk(shape, chunk_bytes: int) -> int:

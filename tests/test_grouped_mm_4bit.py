@@ -128,3 +128,17 @@ def test_triton_chunks_replay_in_a_cuda_graph():
     used = int(offs[-1])
     ref = _reference(x, packed, absmax, shape, "nf4", offs, False)
     torch.testing.assert_close(y[:used].float(), ref[:used].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_without_the_kernel_dequantizes_whole_and_says_why(monkeypatch, caplog):
+    """What the op decides for CUDA rows it cannot chunk (decided on fake CUDA tensors: no GPU needed here)."""
+    import logging
+
+    monkeypatch.setattr(op, "triton", None)
+    op._warn_whole_stack.cache_clear()
+    with torch._subclasses.FakeTensorMode():
+        x = torch.empty(10, 64, device="cuda", dtype=torch.bfloat16)
+        packed, absmax = torch.empty(3 * 32 * 32, device="cuda", dtype=torch.uint8), torch.empty(48, device="cuda")
+        with caplog.at_level(logging.WARNING, logger="graph_moe"):
+            assert not op._uses_triton(x, packed, absmax, [3, 32, 64], False, op.CONFIG)
+    assert "Triton is not installed" in caplog.text and "dequantized whole" in caplog.text
