@@ -183,6 +183,8 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
     import copy
 
     import graph_moe
+    from graph_moe.install import installed_blocks
+    from graph_moe.layout import layouts_checked
 
     ours = copy.deepcopy(block)
     report = graph_moe.install(ours, layout=layout, stack_lora=stack_lora)
@@ -197,10 +199,13 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
     backend = graph_moe.make_backend("inductor", mode=mode, router_topk=router_topk, low_memory_4bit=low_memory_4bit)
     compiled = torch.compile(first_output, backend=backend)
 
+    blocks = installed_blocks(ours)
+
     def forward(hidden):
         if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each call is a new step (outputs reused)
             torch.compiler.cudagraph_mark_step_begin()
-        with graph_moe.capture_settings():
+        # as graph_moe.compile's regions: the layout checked in Python, not by 3 x E Dynamo guards (layout.py)
+        with graph_moe.capture_settings(), layouts_checked(blocks):
             return compiled(hidden)
 
     forward.module = ours

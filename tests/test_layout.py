@@ -10,7 +10,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import graph_moe
-from helpers import Recorder, assert_close_bf16
+from helpers import Recorder, assert_close_bf16, loss_and_grads
 from tiny_models import build
 
 
@@ -37,6 +37,18 @@ def _compiled(model, rec):
             return compiled(input_ids=ids, use_cache=False).logits
 
     return run
+
+
+def _compiled_by_graph_moe(model):
+    """graph_moe.compile's regions: the layouts are checked in Python before each call (layouts_checked), and the
+    traced forward reads the verdict instead of guarding each expert."""
+    graph_moe.compile(model, inner="aot_eager")
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+# The two ways a layout's checks run: guarded by Dynamo (torch.compile with the backend), or in Python before each
+# call of graph_moe.compile's regions.
+WAYS = ["torch.compile", "graph_moe.compile"]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -90,11 +102,12 @@ def test_eager_fp32_layout_equals_original():
     torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-6, rtol=0)
 
 
-def test_weight_changes_after_compile_are_seen():
+@pytest.mark.parametrize("way", WAYS)
+def test_weight_changes_after_compile_are_seen(way):
     model = _frozen()
     reference = copy.deepcopy(model)
     graph_moe.install(model)
-    run = _compiled(model, Recorder())
+    run = _compiled(model, Recorder()) if way == "torch.compile" else _compiled_by_graph_moe(model)
     run(_ids())
 
     def both(fn):
@@ -113,13 +126,17 @@ def test_weight_changes_after_compile_are_seen():
     assert _blocks(model)[0]._graph_moe_layout.valid is True
 
 
-def test_replaced_or_swapped_expert_modules_are_seen():
+@pytest.mark.parametrize("way", WAYS)
+def test_replaced_or_swapped_expert_modules_are_seen(way):
     """A Linear put in an expert after compile (a new one, or another expert's) is not the laid-out one there: the
     block falls back to its modules, with the right numbers."""
     block = _blocks(_frozen())[0]
     reference = copy.deepcopy(block)
     graph_moe.install(block)
-    compiled = torch.compile(block, backend=Recorder().backend)
+    if way == "torch.compile":
+        compiled = torch.compile(block, backend=Recorder().backend)
+    else:
+        compiled = graph_moe.compile(block, inner="aot_eager")
     x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
 
     def run():
@@ -192,3 +209,40 @@ def test_peft_after_install_uses_the_adapters():
         out = compiled(input_ids=ids, use_cache=False).logits
     assert_close_bf16(out, reference(input_ids=ids).logits)
     assert counters["graph_moe"]["loops_found"] == 2
+
+
+@pytest.mark.parametrize("change", ["unfreeze", "peft"])
+def test_changes_after_graph_moe_compile_are_seen(change):
+    """Under graph_moe.compile the layout's per-expert facts are checked in Python before each call: an expert
+    unfrozen, or LoRA added, after the first compiled call is seen on the next (outputs and gradients as eager), and
+    the verdict left on the layout is cleared after each call."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _frozen()
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = _ids()
+    loss_and_grads(model, ids)
+    layouts = [b._graph_moe_layout for b in _blocks(model)]
+    assert all(layout.checked is None for layout in layouts)
+    if change == "unfreeze":
+        for m in (model, reference):
+            _blocks(m)[0].experts[2].gate_proj.weight.requires_grad_(True)
+        expected = {"experts.2.gate_proj.weight"}
+    else:
+        config = LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+        torch.manual_seed(0)
+        model = get_peft_model(model, config)
+        torch.manual_seed(0)
+        reference = get_peft_model(reference, config)
+        graph_moe.install(model)
+        expected = {"experts.1.up_proj.lora_B.default.weight"}
+    logits, grads = loss_and_grads(model, ids)
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    assert_close_bf16(logits, ref_logits, "logits")
+    trained = {n for n in ref_grads if any(n.endswith(e) for e in expected)}
+    assert trained and trained <= grads.keys()
+    for name in ref_grads:
+        if "experts" in name:
+            assert_close_bf16(grads[name], ref_grads[name], name)
+    assert all(layout.checked is None for layout in layouts)
