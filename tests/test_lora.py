@@ -283,3 +283,33 @@ def test_peft_set_adapter_freezes_and_unfreezes_the_stacks():
             if isinstance(module, LoraLayer):
                 module.set_adapter("default", inference_mode=inference_mode)
         assert all(p.requires_grad is not inference_mode for p in stacks)
+
+
+@pytest.mark.parametrize("change", ["scaling", "dropout", "adapter off"])
+def test_one_expert_changed_after_compile_is_seen(change):
+    """graph_moe.compile's regions read expert 0's PEFT state for every expert while all agree (checked in Python
+    before each call, graph_moe/layout.py `_uniform_adapters`): one expert changed alone after compile is seen, and
+    the output equals eager."""
+    model = _lora_model(adapter_fp32=False)
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(0, 64, (2, 6))
+    model.train(), reference.train()
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+
+    def apply(m):
+        up = [b for b in m.modules() if type(b).__name__.endswith("SparseMoeBlock")][0].experts[3].up_proj
+        if change == "scaling":
+            up.scaling["default"] *= 4
+        elif change == "dropout":  # train mode: drops every input of that adapter
+            up.lora_dropout["default"] = torch.nn.Dropout(p=1.0)
+        else:
+            up._active_adapter = []
+
+    apply(model), apply(reference)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False).logits
+        ref = reference(input_ids=ids, use_cache=False).logits
+    assert (ref - before).abs().max() > 1e-3  # the change matters
+    assert_close_bf16(out, ref, change)
