@@ -407,6 +407,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
     def write(results):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -403,32 +403,31 @@ def _uniform_adapters(block: nn.Module, layout: ExpertLayout) -> bool:
             if any("lora_A" in m._modules for m in modules):
                 return False
             continue
-        fields = lead.__dict__
-        active = fields["_active_adapter"]
+        active = lead.__dict__["_active_adapter"]
         names = [active] if isinstance(active, str) else list(active)
         stacked = stacks.get(projection)
         if stacked is None or not all(name in stacked._modules for name in names):
             return False  # adapters kept per expert: each expert's own weights
-        cast, scaling = fields.get("cast_input_dtype_enabled", True), fields["scaling"]
-        dropouts = [lead._modules["lora_dropout"]._modules[name] for name in names]
-        if any(d._forward_hooks or d._forward_pre_hooks for d in dropouts):
+        state = _adapter_state(lead, names)
+        if state is None or any("lora_A" not in m._modules or _adapter_state(m, names) != state for m in modules[1:]):
             return False
-        for m in modules[1:]:
-            f = m.__dict__
-            if (f["_active_adapter"] != active or f.get("cast_input_dtype_enabled", True) != cast
-                    or f["scaling"] != scaling or "lora_A" not in m._modules):
-                return False
-            theirs = m._modules["lora_dropout"]._modules
-            for name, d in zip(names, dropouts):  # called in its stead: the same kind, no hooks
-                o = theirs[name]
-                if o is not d and (type(o) is not type(d) or o.training != d.training or o._forward_hooks
-                                   or o._forward_pre_hooks or o.__dict__.get("p") != d.__dict__.get("p")
-                                   or o.__dict__.get("inplace") != d.__dict__.get("inplace")):
-                    return False
     for projection, module in first.items():
         if layout.first_wrappers.get(projection) is not module:
             layout.first_wrappers[projection] = module
     return True
+
+
+def _adapter_state(module: nn.Module, names) -> tuple | None:
+    """What `_plus_lora` reads of a PEFT wrapper besides the adapters' weights: active adapters, input cast, scalings,
+    and each dropout's kind and settings (expert 0's dropout is called in another's stead: None if one has hooks)."""
+    fields, dropouts = module.__dict__, module._modules["lora_dropout"]._modules
+    kinds = []
+    for name in names:
+        d = dropouts.get(name)
+        if d is None or d._forward_hooks or d._forward_pre_hooks:
+            return None
+        kinds.append((type(d), d.training, d.__dict__.get("p"), d.__dict__.get("inplace")))
+    return (fields["_active_adapter"], fields.get("cast_input_dtype_enabled", True), fields["scaling"], kinds)
 
 
 @contextlib.contextmanager
