@@ -183,8 +183,6 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
     import copy
 
     import graph_moe
-    from graph_moe.install import installed_blocks
-    from graph_moe.layout import layouts_checked
 
     ours = copy.deepcopy(block)
     report = graph_moe.install(ours, layout=layout, stack_lora=stack_lora)
@@ -199,13 +197,10 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
     backend = graph_moe.make_backend("inductor", mode=mode, router_topk=router_topk, low_memory_4bit=low_memory_4bit)
     compiled = torch.compile(first_output, backend=backend)
 
-    blocks = installed_blocks(ours)
-
     def forward(hidden):
         if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each call is a new step (outputs reused)
             torch.compiler.cudagraph_mark_step_begin()
-        # as graph_moe.compile's regions: the layout checked in Python, not by 3 x E Dynamo guards (layout.py)
-        with graph_moe.capture_settings(), layouts_checked(blocks):
+        with graph_moe.capture_settings():
             return compiled(hidden)
 
     forward.module = ours
@@ -407,7 +402,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-
     def write(results):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

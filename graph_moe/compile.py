@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from graph_moe.backend import make_backend
-from graph_moe.install import InstallReport, install, installed_blocks
-from graph_moe.layout import layouts_checked
+from graph_moe.install import InstallReport, install
 
 log = logging.getLogger("graph_moe")
 
@@ -46,16 +45,13 @@ DYNAMIC_SETTINGS = dict(specialize_float=True)
 
 
 class _WithCaptureSettings:
-    """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call, and
-    checks the weight layouts of the MoE blocks in `blocks` in Python first (layout.py, `layouts_checked`: the
-    traced forward then guards one field per block, not 3 x E modules)."""
+    """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call."""
 
-    def __init__(self, compiled, extra=None, blocks=()):
+    def __init__(self, compiled, extra=None):
         self.compiled, self.settings = compiled, {**CAPTURE_SETTINGS, **(extra or {})}
-        self.blocks = list(blocks)
 
     def __call__(self, *args, **kwargs):
-        with torch._dynamo.config.patch(**self.settings), layouts_checked(self.blocks):
+        with torch._dynamo.config.patch(**self.settings):
             return self.compiled(*args, **kwargs)
 
 
@@ -87,7 +83,7 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, **torch_co
             continue
         region._compiled_call_impl = _WithCaptureSettings(
             torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs),
-            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None, installed_blocks(region))
+            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None)
         compiled += 1
     return compiled
 

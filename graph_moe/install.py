@@ -61,11 +61,6 @@ def _is_ours(block: nn.Module) -> bool:
     return getattr(forward, "__func__", None) in TRACEABLE_FORWARDS
 
 
-def installed_blocks(module: nn.Module) -> list[nn.Module]:
-    """The MoE blocks graph_moe installed in `module` (itself included)."""
-    return [m for m in module.modules() if _MARK in m.__dict__]
-
-
 def _first_int(block: nn.Module, names) -> int | None:
     """The first integer attribute among `names` on the block, its router/gate, or its config (for the report:
     DeepSeek, DBRX, gpt-oss or Granite blocks keep their sizes on the router)."""

@@ -16,19 +16,10 @@ e.g. `load_state_dict(assign=True)`). `.to()`/`.cuda()`/`.half()` rebuild the vi
 tensor to `weight.data` by hand bypasses all of this: call `graph_moe.install(model)` again after it.
 When any check fails the forward falls back to calling the expert modules, which the pass groups by
 stacking: slower, never stale.
-
-Those checks read 3 x E modules, and Dynamo guards every read on every call of the compiled code: 12,400 guards for a
-128-expert QLoRA layer, 1 ms per call for frozen experts and 3.3 ms for QLoRA (2-core CPU). The regions that
-`graph_moe.compile` compiles run the same checks in plain Python before each call instead (`layouts_checked`: 0.1 ms
-frozen, 0.5 ms with LoRA) and leave the verdict on the layout (`checked`): the traced forward then reads that one
-field; where no expert has adapters it skips the adapter lookups, and where every expert's PEFT state agrees (the
-usual case: PEFT sets it for all modules at once) it reads expert 0's for all. Code compiled any other way keeps the
-guarded checks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -84,10 +75,6 @@ class ExpertLayout:
     adapters: nn.ModuleDict | None = None  # the block's stacked LoRA adapters (stacked_adapters.py), if any
     owner: nn.Module | None = None  # the module whose parameters the stacks are (stacked_experts.py), if any
     valid: bool = True
-    # What `layouts_checked` found in plain Python just before this compiled call, else None
-    checked: str | None = None
-    # Under a UNIFORM verdict: expert 0's module of each projection, whose PEFT state stands for every expert's
-    first_wrappers: dict = dataclasses.field(default_factory=dict)
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) as (E, out, in) tensors; read once per forward, before the expert loop."""
@@ -111,11 +98,7 @@ class ExpertLayout:
         """What PEFT's lora.Linear.forward adds after its base layer (vanilla LoRA, unmerged). Adapters stacked by
         graph_moe (stacked_adapters.py) are read as row e of their stacks. PEFT's state is read from its fields,
         not its properties: traced by Dynamo, every read is a guard, and there are 3 x E modules."""
-        if self.checked == BARE:  # checked in Python before this call: no expert has adapters
-            return result
-        # UNIFORM: every expert's wrapper has expert 0's PEFT state and stacked adapters (`_uniform_adapters`): read
-        # one module's state, not E (each read is a guard on every call)
-        module = self.first_wrappers[projection] if self.checked == UNIFORM else expert._modules[projection]
+        module = expert._modules[projection]
         if "lora_A" not in module._modules:
             return result
         dtype = result.dtype
@@ -350,24 +333,12 @@ def remove_layout(block: nn.Module) -> None:
     block.__dict__.pop("_apply", None)
 
 
-# layout_state's verdicts (BARE: current, no expert has adapters), and UNIFORM: current, every expert's adapters alike
-BARE, CURRENT, STALE, UNIFORM = "bare", "current", "stale", "uniform"
-
-
 def usable_layout(block: nn.Module) -> ExpertLayout | None:
-    """The block's layout if it is current, else None. Traced by Dynamo: every fact read here is guarded, unless
-    `layouts_checked` read them in Python before this call."""
+    """The block's layout if it is current, else None. Traced by Dynamo: every fact read here is guarded (C++ guards:
+    on an H200's host they cost less than the same checks run in Python before each call, which were tried)."""
     layout = getattr(block, _ATTR, None)
     if layout is None or not layout.valid:
         return None
-    state = layout.checked if layout.checked is not None else layout_state(block, layout)
-    return None if state == STALE else layout
-
-
-def layout_state(block: nn.Module, layout: ExpertLayout) -> str:
-    """BARE or CURRENT if every expert's projections are the laid-out Linears (or plain LoRA wrappers around them)
-    with frozen weights (BARE: and none has adapters), else STALE."""
-    bare = True
     for e, expert in enumerate(block.experts):
         for i, name in enumerate(layout.names):
             module = expert._modules[name]
@@ -380,70 +351,7 @@ def layout_state(block: nn.Module, layout: ExpertLayout) -> str:
             # __torch_function__: 2 us each, 3 x E of them)
             weight = None if layout.four_bit else lin._parameters.get("weight")
             if lin.__dict__.get(_SLOT) != 3 * e + i or (weight is not None and weight.requires_grad):
-                return STALE
+                return None
             if module is not lin and not _plain_lora(module):
-                return STALE
-            bare = bare and "lora_A" not in module._modules
-    return BARE if bare else CURRENT
-
-
-def _uniform_adapters(block: nn.Module, layout: ExpertLayout) -> bool:
-    """Whether every expert's module of each projection has expert 0's PEFT state (adapters or none; the same active
-    adapters, all stacked by graph_moe; the same scalings, dropout and input cast), so that `_plus_lora` may read
-    expert 0's; then `layout.first_wrappers` holds those modules (updated only where they changed: Dynamo guards it).
-    Reads `__dict__` and `_modules` directly: this runs before every call, over 3 x E modules."""
-    stacks = layout.adapters._modules if layout.adapters is not None else {}
-    experts = list(block.experts._modules.values())
-    first = {}
-    for projection in layout.names:
-        modules = [expert._modules[projection] for expert in experts]
-        lead = modules[0]
-        first[projection] = lead
-        if "lora_A" not in lead._modules:
-            if any("lora_A" in m._modules for m in modules):
-                return False
-            continue
-        active = lead.__dict__["_active_adapter"]
-        names = [active] if isinstance(active, str) else list(active)
-        stacked = stacks.get(projection)
-        if stacked is None or not all(name in stacked._modules for name in names):
-            return False  # adapters kept per expert: each expert's own weights
-        state = _adapter_state(lead, names)
-        if state is None or any("lora_A" not in m._modules or _adapter_state(m, names) != state for m in modules[1:]):
-            return False
-    for projection, module in first.items():
-        if layout.first_wrappers.get(projection) is not module:
-            layout.first_wrappers[projection] = module
-    return True
-
-
-def _adapter_state(module: nn.Module, names) -> tuple | None:
-    """What `_plus_lora` reads of a PEFT wrapper besides the adapters' weights: active adapters, input cast, scalings,
-    and each dropout's kind and settings (expert 0's dropout is called in another's stead: None if one has hooks)."""
-    fields, dropouts = module.__dict__, module._modules["lora_dropout"]._modules
-    kinds = []
-    for name in names:
-        d = dropouts.get(name)
-        if d is None or d._forward_hooks or d._forward_pre_hooks:
-            return None
-        kinds.append((type(d), d.training, d.__dict__.get("p"), d.__dict__.get("inplace")))
-    return (fields["_active_adapter"], fields.get("cast_input_dtype_enabled", True), fields["scaling"], kinds)
-
-
-@contextlib.contextmanager
-def layouts_checked(blocks):
-    """Around one call of compiled code holding `blocks`: each block's layout state found in plain Python and left on
-    the layout (`checked`), for the traced forward to read instead of guarding 3 x E facts; cleared after the call,
-    so code compiled any other way never reads a stale verdict."""
-    marked = []
-    try:
-        for block in blocks:
-            layout = block.__dict__.get(_ATTR)
-            if layout is not None and layout.valid:
-                state = layout_state(block, layout)
-                layout.checked = UNIFORM if state == CURRENT and _uniform_adapters(block, layout) else state
-                marked.append(layout)
-        yield
-    finally:
-        for layout in marked:
-            layout.checked = None
+                return None
+    return layout

@@ -40,14 +40,12 @@ def _compiled(model, rec):
 
 
 def _compiled_by_graph_moe(model):
-    """graph_moe.compile's regions: the layouts are checked in Python before each call (layouts_checked), and the
-    traced forward reads the verdict instead of guarding each expert."""
+    """graph_moe.compile's regions: each decoder layer compiled on its own, the capture settings applied per call."""
     graph_moe.compile(model, inner="aot_eager")
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
-# The two ways a layout's checks run: guarded by Dynamo (torch.compile with the backend), or in Python before each
-# call of graph_moe.compile's regions.
+# The two ways users compile: torch.compile with the backend, and graph_moe.compile's regions.
 WAYS = ["torch.compile", "graph_moe.compile"]
 
 
@@ -213,9 +211,8 @@ def test_peft_after_install_uses_the_adapters():
 
 @pytest.mark.parametrize("change", ["unfreeze", "peft"])
 def test_changes_after_graph_moe_compile_are_seen(change):
-    """Under graph_moe.compile the layout's per-expert facts are checked in Python before each call: an expert
-    unfrozen, or LoRA added, after the first compiled call is seen on the next (outputs and gradients as eager), and
-    the verdict left on the layout is cleared after each call."""
+    """Under graph_moe.compile, an expert unfrozen, or LoRA added, after the first compiled call is seen on the next
+    (outputs and gradients as eager)."""
     from peft import LoraConfig, get_peft_model
 
     model = _frozen()
@@ -223,8 +220,6 @@ def test_changes_after_graph_moe_compile_are_seen(change):
     graph_moe.compile(model, inner="aot_eager")
     ids = _ids()
     loss_and_grads(model, ids)
-    layouts = [b._graph_moe_layout for b in _blocks(model)]
-    assert all(layout.checked is None for layout in layouts)
     if change == "unfreeze":
         for m in (model, reference):
             _blocks(m)[0].experts[2].gate_proj.weight.requires_grad_(True)
@@ -245,4 +240,3 @@ def test_changes_after_graph_moe_compile_are_seen(change):
     for name in ref_grads:
         if "experts" in name:
             assert_close_bf16(grads[name], ref_grads[name], name)
-    assert all(layout.checked is None for layout in layouts)

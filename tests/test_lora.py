@@ -287,9 +287,8 @@ def test_peft_set_adapter_freezes_and_unfreezes_the_stacks():
 
 @pytest.mark.parametrize("change", ["scaling", "dropout", "adapter off"])
 def test_one_expert_changed_after_compile_is_seen(change):
-    """graph_moe.compile's regions read expert 0's PEFT state for every expert while all agree (checked in Python
-    before each call, graph_moe/layout.py `_uniform_adapters`): one expert changed alone after compile is seen, and
-    the output equals eager."""
+    """One expert's PEFT state (scaling, dropout, active adapters) changed alone after graph_moe.compile is seen: the
+    output equals eager."""
     model = _lora_model(adapter_fp32=False)
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
