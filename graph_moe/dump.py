@@ -36,13 +36,14 @@ _PRELUDE = "from __future__ import annotations\nimport torch\nfrom torch import 
 _OURS = ("__compiled_fn_", "full_code_for_", "__transformed_code_", INDEX_NAME)  # what a dump writes
 _FN_RE = re.compile(r"^(__compiled_fn_\d+)")
 _INDEX_ADD = re.compile(r"\bindex_add_?(\.default)?\(")
-_GROUPED = re.compile(r"\b_grouped_mm(\.default)?\(")
+# torch._grouped_mm, and graph_moe's ops that stand in for it on CUDA (few rows per expert; 4-bit stacks in chunks)
+_GROUPED = re.compile(r"\b(_grouped_mm|graph_moe\.grouped_mm_few_rows|graph_moe\.grouped_mm_4bit)(\.default)?\(")
 _FALLBACK = re.compile(r"\bgraph_moe\.grouped_mm(\.default)?\(")  # the custom op for non-bf16 loops
 
 
 def count_calls(path: str | Path) -> dict[str, int]:
-    """Calls to index_add(_), torch._grouped_mm and graph_moe's grouped_mm custom op (used where the loop is not
-    bfloat16) in a dumped file; comment lines are skipped."""
+    """Calls to index_add(_), torch._grouped_mm (or the graph_moe ops that stand in for it on CUDA) and graph_moe's
+    grouped_mm custom op (used where the loop is not bfloat16) in a dumped file; comment lines are skipped."""
     counts = {"index_add": 0, "_grouped_mm": 0, "graph_moe.grouped_mm": 0}
     for line in Path(path).read_text().splitlines():
         if line.lstrip().startswith("#"):

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
 from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
-from . import grouped_mm_4bit  # noqa: F401  (registers torch.ops.graph_moe.grouped_mm_4bit)
+from . import grouped_mm_4bit, grouped_mm_few_rows  # noqa: F401  (register torch.ops.graph_moe.grouped_mm_4bit, ...)
 from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
 from .router_topk import replace_router_topk
 from .swiglu import swiglu_input
@@ -493,11 +493,19 @@ def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4
         _recompute_in_backward(w_t)
     if not fallback and per_call:
         out = b.call(grouped_mm_in_chunks, x, w_t, offsets, per_call, name=re.sub(r"\W", "_", name))
+    elif not fallback and _few_rows_op_fits(example_value(x), example_value(w_t)):
+        out = b.call(torch.ops.graph_moe.grouped_mm_few_rows, x, w_t, offsets, name=re.sub(r"\W", "_", name))
     elif not fallback:
         out = b.call(torch._grouped_mm, x, w_t, offs=offsets, name=re.sub(r"\W", "_", name))
     else:  # the compiled torch._grouped_mm takes bfloat16 only
         out = b.call(torch.ops.graph_moe.grouped_mm, x, w_t, offsets, name=re.sub(r"\W", "_", name))
     return _plus_bias(b, out, linears, row_expert), fallback
+
+
+def _few_rows_op_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """graph_moe::grouped_mm_few_rows stands in for torch._grouped_mm on CUDA where the weights need no gradient: it
+    picks a Triton kernel on each call when the experts get few rows (grouped_mm_few_rows.py), else calls it."""
+    return x.device.type == "cuda" and not w.requires_grad
 
 
 def _plus_bias(b: _Builder, out, linears, row_expert):

@@ -40,11 +40,7 @@ import torch
 from torch import Tensor
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from graph_moe.passes.triton_grouped_mm import run_groups, triton
 
 log = logging.getLogger("graph_moe")
 
@@ -55,46 +51,6 @@ def _dequantized(packed: Tensor, absmax: Tensor, shape: list[int], blocksize: in
     weights = torch.ops.bitsandbytes.dequantize_4bit(packed.view(-1, 1), absmax.view(-1), blocksize, quant_type,
                                                      [experts * out, inner], dtype)
     return weights.view(experts, out, inner)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _kernel(x_ptr, w_ptr, offs_ptr, y_ptr, N, K, FIRST, LAST, stride_x, stride_y, stride_wg, stride_wn, stride_wk,
-                GROUPS_POW2: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-        """y[rows of group g] = x[rows] @ B[g] for the groups FIRST..LAST-1, B[g][k, n] at w + (g - FIRST) *
-        stride_wg + n * stride_wn + k * stride_wk. Persistent: the programs take the range's (row tile, column
-        tile) pairs in turn; the row tiles are found from the offsets on the GPU (no host sync)."""
-        g = tl.arange(0, GROUPS_POW2)
-        mine_range = (g >= FIRST) & (g < LAST)
-        ends = tl.load(offs_ptr + g, mask=mine_range, other=0)
-        starts = tl.load(offs_ptr + g - 1, mask=mine_range & (g >= 1), other=0)
-        tiles = tl.where(mine_range, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-        tile_ends = tl.cumsum(tiles, 0)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        for t in range(tl.program_id(0), tl.sum(tiles, 0) * tiles_n, tl.num_programs(0)):
-            pid_m = t // tiles_n  # consecutive tiles share one row tile (from L2)
-            group = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
-            mine = g == group
-            first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)
-            rows = tl.sum(tl.where(mine, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_group = rows < tl.sum(tl.where(mine, ends, 0), 0)
-            cols = (t % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-            a_ptrs = x_ptr + tl.where(in_group, rows, 0).to(tl.int64)[:, None] * stride_x + ks[None, :]
-            # A select on the columns hides their contiguity from Triton: where the weights are contiguous along
-            # the columns (the transposed GEMM) its loads then go element by element, 10x slower.
-            cols_in = cols if EVEN_N else tl.where(cols < N, cols, 0)
-            b_ptrs = (w_ptr + (group - FIRST).to(tl.int64) * stride_wg + ks[:, None] * stride_wk
-                      + cols_in[None, :] * stride_wn)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for _ in range(0, tl.cdiv(K, BLOCK_K)):  # K % BLOCK_K == 0: no masks along K
-                acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * stride_wk
-            y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (cols[None, :] < N))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): chosen on an H200 by benchmarks/grouped_mm_4bit.py.
@@ -138,21 +94,14 @@ def _grouped_mm_4bit(x: Tensor, packed: Tensor, absmax: Tensor, offs: Tensor, sh
         weights = _dequantized(packed, absmax, shape, blocksize, quant_type, x.dtype)
         return torch._grouped_mm(x, weights if transposed else weights.transpose(-2, -1), offs=offs)
     experts, out, inner = shape
-    n, k = (inner, out) if transposed else (out, inner)
-    block_m, block_n, block_k, warps, stages = config
-    y = x.new_empty(x.shape[0], n)
+    y = x.new_empty(x.shape[0], inner if transposed else out)
     chunk = experts_per_chunk(shape, chunk_bytes or CHUNK_BYTES)
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
     per_expert, scales = out * inner // 2, out * inner // blocksize
     for first in range(0, experts, chunk):
         last = min(experts, first + chunk)
         w = _dequantized(packed[first * per_expert:last * per_expert], absmax[first * scales:last * scales],
                          [last - first, out, inner], blocksize, quant_type, x.dtype)
-        # B[k, n] = W[n, k] (the forward, x @ W.T) or W[k, n] (transposed); W (out, in) row-major
-        stride_wn, stride_wk = (1, inner) if transposed else (inner, 1)
-        _kernel[(programs,)](x, w, offs, y, n, k, first, last, x.stride(0), y.stride(0), out * inner, stride_wn,
-                             stride_wk, GROUPS_POW2=triton.next_power_of_2(experts), EVEN_N=n % block_n == 0,
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        run_groups(x, w if transposed else w.transpose(-2, -1), offs, y, first, last, config)
         del w  # freed before the next chunk is made
     return y
 
