@@ -6,6 +6,7 @@ import logging
 from typing import Any, Callable
 
 import torch
+import torch._inductor.config
 from torch._dynamo.backends import registry
 
 from graph_moe.passes import rewrite_moe_loops
@@ -16,12 +17,17 @@ log = logging.getLogger("graph_moe")
 INNER = ("inductor", "aot_eager", "eager")
 
 
+def _inductor_patches(mode: str | None, options: dict | None) -> dict:
+    """The Inductor config `torch.compile(mode=..., options=...)` sets."""
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(options or {})
+    return patches
+
+
 def _inductor(gm, example_inputs, mode: str | None, options: dict | None):
     from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    patches.update(options or {})
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(mode, options))
 
 
 def run_inner(inner: str | Callable, gm, example_inputs, *, mode: str | None = None, options: dict | None = None):
@@ -83,8 +89,12 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
         raise ValueError(f"graph_moe: inner compiler must be one of {INNER} or a backend callable, not {inner!r}")
 
     def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk,
-                                    low_memory_4bit=low_memory_4bit)
+        mode_, options_ = kwargs.get("mode", mode), {**(options or {}), **(kwargs.get("options") or {})}
+        # the rewrite sees the Inductor config the graph compiles under (as a pass inside Inductor does): under CUDA
+        # graphs it emits kernels whose host cost the graphs remove (passes/grouped_mm_few_rows.py)
+        with torch._inductor.config.patch(_inductor_patches(mode_, options_) if inner == "inductor" else {}):
+            reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk,
+                                        low_memory_4bit=low_memory_4bit)
         record(reports)
         if not reports:
             _warn_if_router_without_loop(gm)
@@ -93,8 +103,7 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
             on_reports(reports)
         fake_tensor_cache_back_on(example_inputs)
         with torch._dynamo.config.patch(fake_tensor_cache_enabled=True):  # and for any fake mode they make
-            return run_inner(inner, gm, example_inputs, mode=kwargs.get("mode", mode),
-                             options={**(options or {}), **(kwargs.get("options") or {})})
+            return run_inner(inner, gm, example_inputs, mode=mode_, options=options_)
 
     graph_moe_backend.inner = inner
     return graph_moe_backend

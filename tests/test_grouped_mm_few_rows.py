@@ -86,9 +86,48 @@ def test_config_follows_rows_per_expert(monkeypatch):
                               torch.empty(8, 2048, 64, device="cuda", dtype=torch.bfloat16)) is None
 
 
+def test_emitted_for_frozen_cuda_weights_under_cuda_graphs():
+    """Decided on fake CUDA tensors: only where Inductor captures CUDA graphs (its host time costs more than it saves
+    otherwise), only for weights without a gradient, only on CUDA."""
+    import torch._inductor.config as inductor_config
+
+    with torch._subclasses.FakeTensorMode():
+        x = torch.empty(64, 32, device="cuda", dtype=torch.bfloat16)
+        w = torch.empty(4, 32, 16, device="cuda", dtype=torch.bfloat16)
+        assert not emit_grouped._few_rows_op_fits(x, w)
+        with inductor_config.patch({"triton.cudagraphs": True}):
+            assert emit_grouped._few_rows_op_fits(x, w)
+            assert not emit_grouped._few_rows_op_fits(x, w.clone().requires_grad_())
+            assert not emit_grouped._few_rows_op_fits(torch.empty(64, 32, dtype=torch.bfloat16), w)
+
+
+@pytest.mark.parametrize("mode,options,expected", [(None, None, False), ("reduce-overhead", None, True),
+                                                   (None, {"triton.cudagraphs": True}, True),
+                                                   ("max-autotune-no-cudagraphs", None, False)])
+def test_backend_rewrites_under_the_inductor_config_it_compiles_with(monkeypatch, mode, options, expected):
+    """make_backend's rewrite runs under the config torch.compile(mode=..., options=...) gives Inductor, as a pass
+    inside Inductor would (Inductor itself is not run here)."""
+    import importlib
+
+    import torch._inductor.config as inductor_config
+
+    backend_module = importlib.import_module("graph_moe.backend")
+    seen = []
+    monkeypatch.setattr(emit_grouped, "_few_rows_op_fits",
+                        lambda x, w: seen.append(bool(inductor_config.triton.cudagraphs)) or False)
+    monkeypatch.setattr(backend_module, "run_inner", lambda inner, gm, example_inputs, **kw: gm.forward)
+    block = [m for m in build("qwen3_moe").modules() if type(m).__name__.endswith("SparseMoeBlock")][0]
+    graph_moe.install(block)
+    with graph_moe.capture_settings():
+        torch.compile(block, backend=graph_moe.make_backend("inductor", mode=mode, options=options))(
+            torch.randn(1, 5, 32, dtype=torch.bfloat16))
+    assert seen and set(seen) == {expected}
+    assert not inductor_config.triton.cudagraphs  # patched for the rewrite only
+
+
 def _emitted_on_any_device(monkeypatch):
-    """The pass emits the op for CUDA rows only; here it does on the CPU too, so its place in the graphs and its
-    gradient are checked without a GPU (the op is torch._grouped_mm there)."""
+    """The pass emits the op for CUDA rows under CUDA graphs only; here it does on the CPU too, so its place in the
+    graphs and its gradient are checked without a GPU (the op is torch._grouped_mm there)."""
     monkeypatch.setattr(emit_grouped, "_few_rows_op_fits", lambda x, w: not w.requires_grad)
 
 
