@@ -54,6 +54,8 @@ def config_for(x: Tensor, b: Tensor):
 @torch.library.custom_op("graph_moe::grouped_mm_few_rows", mutates_args=())
 def grouped_mm_few_rows(x: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     """x (rows, K) sorted by group @ b[g] (K, N) per group of rows; offs int32 end offsets, the last one = rows."""
+    if x.shape[0] == 0:  # no rows (a gradient of no rows may have zero strides, which torch._grouped_mm rejects)
+        return x.new_zeros(0, b.shape[-1])
     config = config_for(x, b)
     if config is None:
         return torch._grouped_mm(x, b, offs=offs)

@@ -54,6 +54,14 @@ def test_op_equals_grouped_mm_on_cpu(transposed_view):
     _check("cpu", 6, 64, 48, 40, transposed_view, empty=(1, 4))
 
 
+def test_no_rows_give_no_rows():
+    x = torch.randn(0, 64, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(4, 32, 64, dtype=torch.bfloat16).transpose(-2, -1)
+    y = op(x, b, torch.zeros(4, dtype=torch.int32))
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 64)
+
+
 def test_weights_that_need_a_gradient_are_refused():
     x, b, offs = _operands(4, 32, 16, 12, "cpu", True)
     b.requires_grad_()
