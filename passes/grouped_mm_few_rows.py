@@ -12,9 +12,9 @@ serves every sequence length. Elsewhere (CPU, no Triton, other dtypes or sizes) 
 
 The pass emits it only where Inductor captures CUDA graphs (emit_grouped.py, `_few_rows_op_fits`). One Qwen3-30B-A3B
 layer at 512 tokens on an H200, one process, the same compiled graph with the kernel and with CUTLASS
-(benchmarks/h200_torch2.11_qwen3_session12_few_rows_ab.json), ms forward, waited for / back to back: with CUDA graphs
+(benchmarks/few_rows_ab.py; ..._session12_few_rows_ab.json), ms forward, waited for / back to back: with CUDA graphs
 0.687 / 0.528 -> 0.587 / 0.447 (2.0x / 1.6x one read of the weights, 0.287 ms); without them 1.18 / 0.75 -> 1.30 /
-1.19: the custom op's dispatch and the Triton launch from Python cost more host time than the GPU time they save.
+1.19: the Triton path's host time (a launch from Python inside the custom op) cost more than its GPU time saves.
 
 Only for weights that need no gradient (frozen experts, 4-bit stacks dequantized, LoRA's base weights): the backward
 is the input's gradient, the same op on b transposed. The pass emits torch._grouped_mm for trainable stacks.

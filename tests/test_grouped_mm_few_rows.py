@@ -133,6 +133,28 @@ def test_backend_rewrites_under_the_inductor_config_it_compiles_with(monkeypatch
     assert not inductor_config.triton.cudagraphs  # patched for the rewrite only
 
 
+def test_inductor_pre_grad_pass_rewrites_under_the_compile_options(monkeypatch, tmp_path):
+    """As Inductor's pre-grad pass (graph_moe.inductor_options()), the rewrite runs under the options torch.compile
+    gives Inductor: with triton.cudagraphs on, it sees them on (Inductor compiles on the CPU without the graphs)."""
+    import importlib
+
+    import torch._inductor.config as inductor_config
+
+    from moe_blocks import RangeMoE
+
+    seen = []
+    monkeypatch.setattr(emit_grouped, "_few_rows_op_fits",
+                        lambda x, w: seen.append(bool(inductor_config.triton.cudagraphs)) or False)
+    torch.manual_seed(0)
+    block = RangeMoE(hidden=16, inter=32, num_experts=4, top_k=2).to(torch.bfloat16)
+    x = torch.randn(2, 6, 16, dtype=torch.bfloat16)
+    options = {**importlib.import_module("graph_moe.inductor_pass").inductor_options(), "triton.cudagraphs": True}
+    with torch._inductor.utils.fresh_cache(dir=str(tmp_path)), graph_moe.capture_settings(), torch.no_grad():
+        out = torch.compile(block, options=options)(x)
+    assert seen and set(seen) == {True}
+    assert_close_bf16(out, block(x), "output")
+
+
 def _emitted_on_any_device(monkeypatch):
     """The pass emits the op for CUDA rows under CUDA graphs only; here it does on the CPU too, so its place in the
     graphs and its gradient are checked without a GPU (the op is torch._grouped_mm there)."""
