@@ -161,17 +161,22 @@ def _emitted_on_any_device(monkeypatch):
     monkeypatch.setattr(emit_grouped, "_few_rows_op_fits", lambda x, w: not w.requires_grad)
 
 
-def test_frozen_experts_use_it_and_match_eager(monkeypatch):
+def _compiled_and_eager(monkeypatch, model):
+    """The kept graphs of `model` under graph_moe.compile (the op emitted on the CPU too), and its loss and
+    gradients beside an eager copy's: ((logits, grads), (eager logits, eager grads))."""
     _emitted_on_any_device(monkeypatch)
-    model = build("qwen3_moe")
-    for name, p in model.named_parameters():
-        p.requires_grad_("experts" not in name)
     reference = copy.deepcopy(model)
     keep = Keep()
     graph_moe.compile(model, inner=keep)
     ids = torch.randint(0, 64, (2, 6))
-    logits, grads = loss_and_grads(model, ids)
-    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    return keep, loss_and_grads(model, ids), loss_and_grads(reference, ids)
+
+
+def test_frozen_experts_use_it_and_match_eager(monkeypatch):
+    model = build("qwen3_moe")
+    for name, p in model.named_parameters():
+        p.requires_grad_("experts" not in name)
+    keep, (logits, grads), (ref_logits, ref_grads) = _compiled_and_eager(monkeypatch, model)
     # gate+up and down in each compiled graph
     assert keep.count("grouped_mm_few_rows") == 2 * len(keep.graphs) > 0 and keep.count("_grouped_mm") == 0
     assert_close_bf16(logits, ref_logits, "logits")
@@ -181,15 +186,9 @@ def test_frozen_experts_use_it_and_match_eager(monkeypatch):
 
 
 def test_lora_base_weights_use_it_and_adapters_keep_grouped_mm(monkeypatch):
-    _emitted_on_any_device(monkeypatch)
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(build("qwen3_moe"), config, autocast_adapter_dtype=False)
-    reference = copy.deepcopy(model)
-    keep = Keep()
-    graph_moe.compile(model, inner=keep)
-    ids = torch.randint(0, 64, (2, 6))
-    logits, grads = loss_and_grads(model, ids)
-    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    keep, (logits, grads), (ref_logits, ref_grads) = _compiled_and_eager(monkeypatch, model)
     # the base weights' gate+up and down; the adapters' A and B factors train: torch._grouped_mm (or, at r=4, whose
     # rows are not whole 16-byte units, the fallback op)
     graphs = len(keep.graphs)
