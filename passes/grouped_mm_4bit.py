@@ -15,10 +15,10 @@ next chunk is made:
 gradient (rows of `out` give rows of `in`). The weights are frozen (4-bit), so that is all the backward needs.
 
 torch._grouped_mm cannot take a chunk's groups alone: its first group starts at row 0, and where a chunk's rows start
-is known only on the GPU. The Triton kernel here takes the groups of one chunk: persistent programs find that chunk's
-row tiles from the offsets on the GPU (no host sync). Without CUDA or Triton the op is the whole dequantize and
-torch._grouped_mm. It is opaque to AOTAutograd: traced into, that dequantize in the forward and the one in the
-backward would become one node (CSE), saved from forward to backward.
+is known only on the GPU. The Triton kernel of triton_grouped_mm.py takes the groups of one chunk: persistent programs
+find that chunk's row tiles from the offsets on the GPU (no host sync). Without CUDA or Triton the op is the whole
+dequantize and torch._grouped_mm. It is opaque to AOTAutograd: traced into, that dequantize in the forward and the one
+in the backward would become one node (CSE), saved from forward to backward.
 
 What it costs (H200, Qwen3-30B-A3B, 4096 tokens; benchmarks/*session11*): the peak of a QLoRA layer's
 forward+backward 1.24 -> 0.69 GB (HF loop 0.74). The Triton GEMM runs 5-15% behind CUTLASS per call, and each chunk
