@@ -4,7 +4,7 @@
 
 At a few rows per expert the grouped GEMM is bound by reading the weights once. torch._grouped_mm's CUTLASS tiles are
 128 rows tall, mostly empty there, and it read the Qwen3-30B-A3B experts at 2.5-3.0 TB/s on an H200; the persistent
-Triton kernel of triton_grouped_mm.py with 16- or 64-row tiles and four programs per SM read them at 3.7-4.4 TB/s
+Triton kernel of triton_grouped_mm.py with 16- or 64-row tiles and four programs per SM read them at 3.2-4.4 TB/s
 (benchmarks/h200_torch2.11_qwen3_session12_small_m_grouped_mm.json; gate+up, ms CUTLASS -> Triton: 8 tokens 0.128
 -> 0.090, 64 tokens 0.268 -> 0.192, 512 tokens 0.268 -> 0.208; from 256 rows per expert CUTLASS is as fast or
 faster). The choice is made on each call from the row count, which the host knows without a sync: one compiled graph
