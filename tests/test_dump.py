@@ -200,3 +200,15 @@ def test_example_script_runs(tmp_path, capsys):
     assert "model.layers.*.mlp: 8 experts, top-2 -> grouped GEMMs" in out
     assert (tmp_path / "graph_moe_index.md").exists()
     assert "graph_moe_rewritten.py" in out and "captured by Dynamo" in out
+
+
+def test_count_calls_counts_the_ops_that_stand_in_for_grouped_mm(tmp_path):
+    """On CUDA the rewritten graph may call graph_moe's grouped GEMM ops instead of torch._grouped_mm (few rows per
+    expert under CUDA graphs, 4-bit stacks in chunks): each counts as a grouped GEMM call; comments do not."""
+    path = tmp_path / "graph.py"
+    path.write_text("y = torch.ops.graph_moe.grouped_mm_few_rows.default(x, w, offs)\n"
+                    "z = torch.ops.graph_moe.grouped_mm_4bit(x, p, a, offs, [4, 8, 8], 64, 'nf4', False)\n"
+                    "v = torch._grouped_mm(x, w, offs=offs)\n"
+                    "# torch._grouped_mm(x, w) in a comment\n"
+                    "u = torch.ops.graph_moe.grouped_mm(x, w, offs)\n")
+    assert count_calls(path) == {"index_add": 0, "_grouped_mm": 3, "graph_moe.grouped_mm": 1}
