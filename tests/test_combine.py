@@ -11,7 +11,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 
 import graph_moe
 from graph_moe.passes.row_order import gather_token_rows, unsort_rows
-from helpers import assert_close_bf16, loss_and_grads
+from helpers import assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 
 
@@ -47,8 +47,7 @@ def _rewritten_matches_eager(batch, seq, frozen_experts=False):
     logits, grads = loss_and_grads(model, ids)
     assert_close_bf16(logits, ref_logits, "logits")
     assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
     return graphs[-2], graphs[-1], grads
 
 
@@ -145,5 +144,4 @@ def test_padded_scatters_with_dynamic_shapes():
         ref_logits, ref_grads = loss_and_grads(reference, ids)
         logits, grads = loss_and_grads(model, ids)
         assert_close_bf16(logits, ref_logits, "logits")
-        for name in ref_grads:
-            assert_close_bf16(grads[name], ref_grads[name], name)
+        assert_grads_close(grads, ref_grads)

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import graph_moe
 from graph_moe.stacked_adapters import split_stacked
-from helpers import assert_training_tracks_eager, assert_close_bf16
+from helpers import assert_close_bf16, assert_grads_close, assert_training_tracks_eager
 from tiny_models import build
 
 
@@ -42,8 +42,7 @@ def test_lora_on_every_expert_matches_eager(adapter_fp32):
     assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
     assert_close_bf16(loss, ref_loss, "loss")
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 3 * 4 * 2  # layers x projections x experts x A/B
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
 
 
 def _lora_qwen3_matches_eager(rank: int, lora_alpha: int, intermediate: int):
@@ -64,8 +63,7 @@ def _lora_qwen3_matches_eager(rank: int, lora_alpha: int, intermediate: int):
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
     assert_close_bf16(loss, ref_loss, "loss")
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
     return keep
 
 
@@ -191,8 +189,7 @@ def test_stacked_adapters_are_read_without_a_copy_and_trained_as_one_parameter()
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
     assert_close_bf16(loss, ref_loss, "loss")
     assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
     assert keep.count("stack_weights") == 0 and keep.count("index_add_") == 0
     inputs = [n for g in keep.graphs for n in g.graph.nodes if n.op == "placeholder"]
     assert len(inputs) < 4 * 3 * 2 + 20, len(inputs)  # one expert's adapters alone would be 2 x 3 x 4
@@ -248,8 +245,7 @@ def test_stacked_adapters_in_eager_and_merged():
     loss, grads = _loss_and_lora_grads(model, ids)
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
     assert_close_bf16(loss, ref_loss, "loss")
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
     model.merge_adapter(), reference.merge_adapter()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 import graph_moe
 from graph_moe.stacked_adapters import split_stacked
 from graph_moe.model_zoo import build_model
-from helpers import assert_training_tracks_eager, Keep, assert_close_bf16
+from helpers import Keep, assert_close_bf16, assert_grads_close, assert_training_tracks_eager
 
 PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -109,8 +109,7 @@ def test_qlora_loss_and_lora_grads_equal_eager(saved_model, gradient_checkpointi
     assert keep.count("index_add_") == 0 and (keep.count("grouped_mm_4bit") > 0) == low_memory_4bit
     assert_close_bf16(loss, ref_loss, "loss")
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 3 * 4 * 2  # layers x projections x experts x A/B
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
 
 
 def test_qlora_training_steps_track_eager(saved_model):
@@ -160,8 +159,7 @@ def test_low_memory_4bit_qlora_grads_equal_eager_and_save_no_stack(saved_model):
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
     assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
     assert_close_bf16(loss, ref_loss, "loss")
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
         _loss_and_lora_grads(model, ids)

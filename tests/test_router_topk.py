@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import graph_moe
 from graph_moe.passes import router_topk as router_topk_module
 from graph_moe.passes.router_topk import router_topk
-from helpers import Keep, assert_close_bf16, loss_and_grads
+from helpers import Keep, assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 
 
@@ -101,8 +101,7 @@ def test_rewritten_model_uses_router_topk(monkeypatch):
     assert keep.count("topk") == 0 and sum(
         n.target is torch.ops.graph_moe.router_topk for g in keep.graphs for n in g.graph.nodes) == 1
     assert_close_bf16(logits, ref_logits, "logits")
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
 
 
 @pytest.mark.parametrize("on_cpu", [False, True], ids=["not-asked", "device-not-listed"])

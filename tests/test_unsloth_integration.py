@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch._dynamo.utils import counters
 
 from graph_moe.integrations import unsloth as graph_moe_unsloth
-from helpers import assert_close_bf16, loss_and_grads
+from helpers import assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 
 pytestmark = pytest.mark.skipif(graph_moe_unsloth.unsloth_available(), reason="checks the no-Unsloth behaviour")
@@ -39,8 +39,7 @@ def test_apply_compiles_each_block_and_matches_eager():
     ref_logits, ref_grads = loss_and_grads(reference, ids)
     assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
     assert_close_bf16(logits, ref_logits, "logits")
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
     compiled = [b._compiled_call_impl for b in blocks]
     _apply(model)  # idempotent: the same compiled blocks
     assert [b._compiled_call_impl for b in blocks] == compiled

@@ -25,7 +25,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: 
 import graph_moe  # noqa: E402
 from graph_moe.compile import compile_regions  # noqa: E402
 from graph_moe.families import transformers5_generic, unsupported_reason  # noqa: E402
-from helpers import Recorder, assert_close_bf16  # noqa: E402
+from helpers import Recorder, assert_close_bf16, assert_grads_close  # noqa: E402
 
 _SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
               experts_implementation="eager")
@@ -192,8 +192,7 @@ def test_compiled_rewritten_or_reported_and_equal(family):
         assert all(refused in r.reason for r in recorder.reports), [str(r) for r in recorder.reports]
     assert_close_bf16(out, ref_out, "output")
     assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
 
 
 # Look-alikes of gpt-oss's loop, each changed in one way the derivation must not accept. Module-level functions,

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 import graph_moe  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from helpers import assert_close_bf16, check_model_rewritten, loss_and_grads  # noqa: E402
+from helpers import assert_close_bf16, assert_grads_close, check_model_rewritten, loss_and_grads  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -59,8 +59,7 @@ def test_lora_under_inductor():
     assert counters["graph_moe"]["loops_rewritten"] == 1 and counters["graph_moe"]["loops_skipped"] == 0
     assert_close_bf16(logits, ref_logits, "logits")
     assert grads.keys() == ref_grads.keys() and len(grads) == 4  # lora_A and lora_B of two parameters
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
 
 
 def test_lora_states_match_peft_eagerly():
