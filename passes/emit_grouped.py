@@ -24,6 +24,7 @@ import os
 import re
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.fx as fx
 
 from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, counters
@@ -150,13 +151,16 @@ def _recompute_producers(stack: fx.Node, limit: int = 12) -> list[fx.Node]:
 
 
 def _sink_to_first_use(graph: fx.Graph, nodes) -> None:
-    """Move pure nodes down to just before their first user, last producer first.
+    """Move pure nodes down to just before their first user, last producer first; erase those nothing reads any
+    more (the dequantized 4-bit stack where the grouped GEMM reads the packed one, grouped_mm_4bit.py).
 
     The traced forward computes every stack before the loop (`ExpertLayout.stacks()`), so the 4-bit layout's
     dequantized gate+up and down stacks (805 and 403 MB at the Qwen3-30B-A3B shape) were alive together; moved next
     to its grouped GEMM, each is freed before the next is made. Moving a node later keeps its inputs before it."""
-    for node in sorted(set(nodes), key=list(graph.nodes).index, reverse=True):
-        if node.graph is not graph or not node.users:
+    start = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted({n for n in nodes if n in start}, key=start.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         first = min(node.users, key=order.__getitem__)
@@ -210,13 +214,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Fa
             raise
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
-    # pure producers of stacks no GEMM reads any more (a 4-bit stack read as it is) go; the others move to their use
-    dead = set()
-    for node in sorted(set(b.sink), key=list(graph.nodes).index, reverse=True):
-        if node.graph is graph and not node.users:
-            graph.erase_node(node)
-            dead.add(node)
-    _sink_to_first_use(graph, [n for n in b.sink if n not in dead])
+    _sink_to_first_use(graph, b.sink)
     if router_topk:
         counters["graph_moe"]["router_topk"] += replace_router_topk(loop.candidate.ids, fake_mode)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
@@ -508,8 +506,6 @@ def _few_rows_op_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     when the experts get few rows (grouped_mm_few_rows.py). Without CUDA graphs its host time (a custom op and a
     Triton launch from Python) costs more than its GPU time saves (H200: 512 tokens, forward 0.75 -> 1.19 ms back to
     back), so torch._grouped_mm stays."""
-    import torch._inductor.config as inductor_config
-
     return x.device.type == "cuda" and not w.requires_grad and bool(inductor_config.triton.cudagraphs)
 
 

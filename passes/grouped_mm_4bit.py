@@ -39,8 +39,7 @@ import logging
 import torch
 from torch import Tensor
 
-
-from graph_moe.passes.triton_grouped_mm import run_groups, triton
+from graph_moe.passes.triton_grouped_mm import run_groups, unsupported
 
 log = logging.getLogger("graph_moe")
 
@@ -61,12 +60,8 @@ CHUNK_BYTES = 256 * 2**20  # the most dequantized weights alive at once
 def _uses_triton(x: Tensor, packed: Tensor, absmax: Tensor, shape, transposed: bool, config) -> bool:
     if not x.is_cuda:
         return False
-    reduced = shape[1] if transposed else shape[2]
-    why = ("Triton is not installed" if triton is None else
-           "the rows are not bf16 with contiguous rows" if x.dtype != torch.bfloat16 or x.stride(-1) != 1 else
-           "the 4-bit stack is not contiguous" if not (packed.is_contiguous() and absmax.is_contiguous()) else
-           f"{reduced} (the reduced dim) is not a multiple of {config[2]}" if reduced % config[2] else
-           "more than 4096 experts" if shape[0] > 4096 else None)
+    why = ("the 4-bit stack is not contiguous" if not (packed.is_contiguous() and absmax.is_contiguous()) else
+           unsupported(x, shape[1] if transposed else shape[2], shape[0], config[2]))
     if why is not None:
         _warn_whole_stack(why)
     return why is None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from graph_moe.passes.triton_grouped_mm import run_groups, triton
+from graph_moe.passes.triton_grouped_mm import run_groups, unsupported
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the most rows per expert (on average) they serve best,
 # chosen on an H200 (benchmarks/small_m_grouped_mm.py); above the last, CUTLASS.
@@ -35,17 +35,15 @@ PROGRAMS_PER_SM = 4  # weight-bound: more loads in flight than one program per S
 
 def config_for(x: Tensor, b: Tensor):
     """The Triton config for these operands, or None where torch._grouped_mm runs."""
-    if triton is None or not x.is_cuda or x.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
-        return None
     experts, k, n = b.shape
-    if b.device != x.device or x.stride(-1) != 1 or x.shape[0] == 0 or experts > 4096:
+    if not x.is_cuda or b.device != x.device or b.dtype != torch.bfloat16 or x.shape[0] == 0:
         return None
     per_expert = x.shape[0] / experts
     for most, (block_m, block_n, block_k, warps, stages) in CONFIGS:
         if per_expert <= most:
             # the widest column tile that divides N (a masked one hides the columns' contiguity from Triton)
             block_n = next((w for w in (block_n, 128, 64) if n % w == 0), None)
-            if k % block_k or (block_n is None and b.stride(-1) == 1):
+            if unsupported(x, k, experts, block_k) or (block_n is None and b.stride(-1) == 1):
                 return None
             return block_m, block_n or 64, block_k, warps, stages
     return None

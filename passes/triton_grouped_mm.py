@@ -63,6 +63,18 @@ if triton is not None:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (cols[None, :] < N))
 
 
+MAX_GROUPS = 4096  # the groups' offsets are held in one block of registers
+
+
+def unsupported(x: Tensor, k: int, groups: int, block_k: int) -> str | None:
+    """Why `run_groups` cannot take rows `x` reducing over `k` in `groups` groups with tiles `block_k` deep, or
+    None where it can (Triton installed, bf16 rows with contiguous columns, K a multiple of the tile)."""
+    return ("Triton is not installed" if triton is None else
+            "the rows are not bf16 with contiguous rows" if x.dtype != torch.bfloat16 or x.stride(-1) != 1 else
+            f"{k} (the reduced dim) is not a multiple of {block_k}" if k % block_k else
+            f"more than {MAX_GROUPS} experts" if groups > MAX_GROUPS else None)
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

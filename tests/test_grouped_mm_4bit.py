@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from graph_moe.passes import grouped_mm_4bit as op
+from graph_moe.passes import triton_grouped_mm as kernel
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -87,7 +88,7 @@ def test_experts_per_chunk():
     assert op.experts_per_chunk([5, 64, 64], 2**30) == 5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or op.triton is None, reason="the Triton kernel needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available() or kernel.triton is None, reason="the Triton kernel needs CUDA")
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("experts,out,inner", [(8, 192, 128), (5, 96, 320), (16, 64, 64)])
 def test_triton_chunks_equal_dequantize_then_grouped_mm(quant_type, experts, out, inner):
@@ -102,7 +103,7 @@ def test_triton_chunks_equal_dequantize_then_grouped_mm(quant_type, experts, out
         _check("cuda", experts, out, inner, quant_type, rows=700, chunk_bytes=2 * out * inner * experts_per_chunk)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or op.triton is None, reason="the Triton kernel needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available() or kernel.triton is None, reason="the Triton kernel needs CUDA")
 def test_triton_chunks_replay_in_a_cuda_graph():
     """Captured once (mode="reduce-overhead" does this), replayed on new rows and new offsets: nothing in the op
     depends on the offsets' values on the host."""
@@ -134,7 +135,7 @@ def test_cuda_without_the_kernel_dequantizes_whole_and_says_why(monkeypatch, cap
     """What the op decides for CUDA rows it cannot chunk (decided on fake CUDA tensors: no GPU needed here)."""
     import logging
 
-    monkeypatch.setattr(op, "triton", None)
+    monkeypatch.setattr(kernel, "triton", None)
     op._warn_whole_stack.cache_clear()
     with torch._subclasses.FakeTensorMode():
         x = torch.empty(10, 64, device="cuda", dtype=torch.bfloat16)

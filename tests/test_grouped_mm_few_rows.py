@@ -12,7 +12,8 @@ from peft import LoraConfig, get_peft_model
 import graph_moe
 from graph_moe.passes import emit_grouped
 from graph_moe.passes import grouped_mm_few_rows as few
-from helpers import Keep, assert_close_bf16, loss_and_grads
+from graph_moe.passes import triton_grouped_mm as kernel
+from helpers import Keep, assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 
 op = torch.ops.graph_moe.grouped_mm_few_rows
@@ -72,7 +73,7 @@ def test_weights_that_need_a_gradient_are_refused():
 def test_config_follows_rows_per_expert(monkeypatch):
     """Decided on fake CUDA tensors (no GPU needed): 16-row tiles up to 8 rows per expert, 64-row ones up to 128,
     CUTLASS (None) above; a column tile that divides N, or CUTLASS where none does and the columns are contiguous."""
-    monkeypatch.setattr(few, "triton", True)
+    monkeypatch.setattr(kernel, "triton", True)
     with torch._subclasses.FakeTensorMode():
         def config(rows, experts=128, k=2048, n=1536, dtype=torch.bfloat16, columns_contiguous=False):
             w = torch.empty(experts, n, k, device="cuda", dtype=dtype)
@@ -88,7 +89,7 @@ def test_config_follows_rows_per_expert(monkeypatch):
         assert config(4096, k=100) is None and config(4096, dtype=torch.float16) is None
         rows = torch.empty(64, 2048, device="cuda", dtype=torch.bfloat16)
         assert few.config_for(rows, torch.empty(8, 2048, 64, dtype=torch.bfloat16)) is None  # CPU weights
-    monkeypatch.setattr(few, "triton", None)
+    monkeypatch.setattr(kernel, "triton", None)
     with torch._subclasses.FakeTensorMode():
         assert few.config_for(torch.empty(64, 2048, device="cuda", dtype=torch.bfloat16),
                               torch.empty(8, 2048, 64, device="cuda", dtype=torch.bfloat16)) is None
@@ -181,8 +182,7 @@ def test_frozen_experts_use_it_and_match_eager(monkeypatch):
     assert keep.count("grouped_mm_few_rows") == 2 * len(keep.graphs) > 0 and keep.count("_grouped_mm") == 0
     assert_close_bf16(logits, ref_logits, "logits")
     assert grads.keys() == ref_grads.keys() and grads
-    for name in ref_grads:
-        assert_close_bf16(grads[name], ref_grads[name], name)
+    assert_grads_close(grads, ref_grads)
 
 
 def test_lora_base_weights_use_it_and_adapters_keep_grouped_mm(monkeypatch):
@@ -201,7 +201,7 @@ def test_lora_base_weights_use_it_and_adapters_keep_grouped_mm(monkeypatch):
         assert_close_bf16(grads[name], ref_grads[name], name)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available() or few.triton is None, reason="the Triton kernel needs CUDA")
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or kernel.triton is None, reason="the Triton kernel needs CUDA")
 
 
 @cuda
