@@ -6,7 +6,7 @@ process's own start-up (Inductor's compile workers, imports, the CUDA context) s
     graph-moe bench --compile-time                                  # 1 and 4 layers, Qwen3-30B-A3B layer shape
     graph-moe bench --compile-time --layers 24 --variants graph_moe dense --frozen-mlp
 
-Variants (each on a fresh model, Dynamo reset, Inductor's caches off):
+Variants (each on a fresh model in a fresh process unless --same-process, Inductor's caches off):
 - graph_moe: `graph_moe.compile(model)`: install, regional compile of each decoder layer, the pass folds the
   E unrolled bodies into grouped GEMMs before Inductor sees them.
 - graph_moe_stacked: the same with `stack_experts=True` (expert weights as two stacked parameters: trained
@@ -24,6 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -105,13 +109,35 @@ def run(variant: str, layers: int, args) -> dict:
 
 
 def table(header: dict, results: list[dict]) -> str:
-    lines = [f"{header['card']}, torch {header['torch']}; seconds; compile = first step - second step (the process "
-             f"warmed up first: {header['process_warm_up_s']:.1f} s)",
+    lines = [f"{header['card']}, torch {header['torch']}; seconds; compile = first step - second step (after "
+             f"a warm-up of the process: {header['process_warm_up_s']:.1f} s)",
              "| layers | variant | compile | step after | graphs compiled over new lengths |", "|---|---|---|---|---|"]
     for r in results:
         over = r.get("graphs_compiled_over_lengths", "-")
         lines.append(f"| {r['layers']} | {r['variant']} | {r['compile_s']:.1f} | {r['second_step_s']:.3f} | {over} |")
     return "\n".join(lines)
+
+
+def _each_in_a_fresh_process(args, runs, tqdm) -> int:
+    """Run `graph-moe bench --compile-time` once per (layers, variant), each in its own process, and merge the JSON."""
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+               if name not in ("json", "variants", "layers", "same_process", "frozen_mlp")]
+    options += ["--frozen-mlp"] if args.frozen_mlp else []
+    header, results = None, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers, variant in tqdm(runs, desc="compile time (a process each)", unit="model"):
+            out = os.path.join(tmp, "run.json")
+            command = [sys.executable, "-m", "graph_moe", "bench", "--compile-time", *options, "--variants", variant,
+                       "--layers", str(layers), "--json", out]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            child_header, row = json.load(open(out))
+            header = header or {k: v for k, v in child_header.items() if k != "process_warm_up_s"}
+            results.append({**row, "process_warm_up_s": child_header["process_warm_up_s"]})
+            log.info("%s", json.dumps(results[-1]))
+            with open(args.json, "w") as f:
+                json.dump([{**header, "each_in_a_fresh_process": True}] + results, f, indent=1)
+    print(table({**header, "process_warm_up_s": max(r["process_warm_up_s"] for r in results)}, results))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -132,16 +158,21 @@ def main(argv=None) -> int:
     p.add_argument("--inner", default="inductor", help="the compiler after Dynamo (and the pass): inductor, or aot_eager "
                    "to time Dynamo and the pass alone")
     p.add_argument("--json", default="bench_compile_time.json")
+    p.add_argument("--same-process", action="store_true",
+                   help="time every model in this process (by default each runs in a fresh one: a compile leaves "
+                   "imports, kernels and caches warm for the next)")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
+    runs = [(layers, variant) for layers in args.layers for variant in args.variants]
+    if len(runs) > 1 and not args.same_process:
+        return _each_in_a_fresh_process(args, runs, tqdm)
     torch.compiler.config.force_disable_caches = True
     torch._dynamo.config.recompile_limit = 64
-    header = {**{k: v for k, v in vars(args).items() if k not in ("json", "variants", "layers")},
+    header = {**{k: v for k, v in vars(args).items() if k not in ("json", "variants", "layers", "same_process")},
               "torch": torch.__version__, "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "process_warm_up_s": warm_up_process(args)}
     results = []
-    runs = [(layers, variant) for layers in args.layers for variant in args.variants]
     for layers, variant in tqdm(runs, desc="compile time", unit="model"):
         results.append({"layers": layers, **run(variant, layers, args)})
         log.info("%s", json.dumps(results[-1]))

@@ -71,3 +71,21 @@ def test_bench_compile_time_runs_on_the_cpu(tmp_path):
     assert 0 < phases["bytecode_tracing"][0] <= row["first_step_s"]
     assert row["graphs_compiled_over_lengths"] <= 1  # regional: one graph serves both layers at every length
     assert "| 2 | graph_moe |" in proc.stdout
+
+
+def test_bench_compile_time_runs_each_model_in_a_fresh_process(tmp_path):
+    """Two models: each is timed in its own process (a compile leaves the next one warm), and the JSON holds both,
+    each with its process's warm-up time."""
+    out = tmp_path / "compile.json"
+    proc = _run("-m", "graph_moe", "bench", "--compile-time", "--layers", "1", "--variants", "graph_moe", "dense",
+                "--experts", "4", "--top-k", "2", "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--tokens",
+                "16", "--lengths", "0", "--device", "cpu", "--inner", "aot_eager", "--frozen-mlp", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    header, *rows = json.loads(out.read_text())
+    assert header["each_in_a_fresh_process"] and header["frozen_mlp"] and header["experts"] == 4
+    assert [row["variant"] for row in rows] == ["graph_moe", "dense"]
+    assert all(row["compile_s"] > 0 and row["process_warm_up_s"] > 0 for row in rows)
+    assert rows[0]["loops_rewritten"] >= 1 and rows[1]["loops_found"] == 0
+    assert "| 1 | graph_moe |" in proc.stdout and "| 1 | dense |" in proc.stdout
