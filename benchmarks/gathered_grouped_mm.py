@@ -1,5 +1,5 @@
 """Experiment (session 9): a Triton grouped GEMM that gathers its rows as it loads them, against the gather then
-torch._grouped_mm, on a GPU. Not used by the pass: it saved too little (README, "Tried and dropped").
+torch._grouped_mm, on a GPU. Not used by the pass: it saved too little (benchmarks/RESULTS.md, "Tried and dropped").
 
     python benchmarks/gathered_grouped_mm.py --tokens 4096 16384 --json out.json
 
