@@ -295,7 +295,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 out = fn(x)
                 torch.cuda.synchronize()
                 row[f"{vname}_first_call_s"] = time.perf_counter() - t0
-                ref = refs[vname.rsplit("_", 1)[-1] if vname.endswith("lora") else ""]
+                ref = refs[reference_kind(vname)]
                 row[f"{vname}_max_diff"] = (out.float() - ref.float()).abs().max().item()
                 del out
                 modules = [m for m in (lora_block, qlora_block, getattr(fn, "module", None)) if m is not None]
@@ -326,6 +326,12 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 on_results([card] + results)
         progress.close()
     return [card] + results
+
+
+def reference_kind(variant: str) -> str:
+    """Which block a variant's output is checked against: "qlora" (NF4 experts + LoRA), "lora", or "" (frozen bf16).
+    Read from anywhere in the name: a suffix like `_low_memory` follows the kind."""
+    return "qlora" if "qlora" in variant else "lora" if "lora" in variant else ""
 
 
 def _steps(fn, x, trainable) -> dict:

@@ -89,3 +89,16 @@ def test_bench_compile_time_runs_each_model_in_a_fresh_process(tmp_path):
     assert all(row["compile_s"] > 0 and row["process_warm_up_s"] > 0 for row in rows)
     assert rows[0]["loops_rewritten"] >= 1 and rows[1]["loops_found"] == 0
     assert "| 1 | graph_moe |" in proc.stdout and "| 1 | dense |" in proc.stdout
+
+
+def test_bench_checks_each_variant_against_its_own_block():
+    """`graph-moe bench` checks each variant's output against the eager block it was built from. Session 13 found the
+    `_low_memory` QLoRA variant compared with the frozen bf16 block (a 0.22 difference that was NF4 rounding + LoRA)."""
+    from graph_moe.bench import reference_kind
+
+    kinds = {name: reference_kind(name) for name in (
+        "graph_moe", "grouped_compiled", "hf_loop", "graph_moe_lora", "hf_loop_lora", "graph_moe_qlora",
+        "graph_moe_qlora_low_memory", "graph_moe_per_expert_qlora", "hf_loop_qlora", "unsloth_qlora")}
+    assert kinds == {"graph_moe": "", "grouped_compiled": "", "hf_loop": "", "graph_moe_lora": "lora",
+                     "hf_loop_lora": "lora", "graph_moe_qlora": "qlora", "graph_moe_qlora_low_memory": "qlora",
+                     "graph_moe_per_expert_qlora": "qlora", "hf_loop_qlora": "qlora", "unsloth_qlora": "qlora"}
