@@ -1,7 +1,9 @@
 """Host time of one grouped GEMM call at few rows per expert (Qwen3-30B-A3B gate+up, 512 tokens) on a GPU: where the
 Triton path of graph_moe::grouped_mm_few_rows spends it. Session 12 saw that path add ~0.2 ms of host time per call
 over the same op calling CUTLASS (benchmarks/few_rows_ab.py, no CUDA graphs), far above a Triton launch's usual
-10-25 us; this splits it.
+10-25 us; this splits it. Session 13 (H200, torch 2.11; benchmarks/h200_torch2.11_session13_few_rows_host.txt):
+torch._grouped_mm 20.1 us, the op through CUTLASS 31.5, through Triton 66.0, run_groups alone 30.5. So 35 us more per
+call, not 0.2 ms: the layer-level gap was several such calls on a host-bound layer.
 
     python benchmarks/few_rows_host.py
 

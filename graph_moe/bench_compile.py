@@ -65,7 +65,7 @@ def first_step_seconds(model, args, tokens=None) -> float:
 def warm_up_process(args) -> float:
     """Pay what the first compile in a process pays whatever the model, before any variant is timed: Inductor's
     compile workers starting, its modules importing, the CUDA context (on the CPU: probing the vector ISA by compiling
-    C++). Left in, it went to whichever variant ran first (graph_moe by default), 4-5 s on the H200's host."""
+    C++). Left in, it went to whichever variant ran first (graph_moe by default): 6-7 s on the H200's host."""
     start = time.perf_counter()
     x = torch.randn(64, 64, device=args.device, requires_grad=True)
     torch.compile(lambda t: (t.sin() * 2).sum(), backend=args.inner)(x).backward()
@@ -130,7 +130,8 @@ def _each_in_a_fresh_process(args, runs, tqdm) -> int:
             command = [sys.executable, "-m", "graph_moe", "bench", "--compile-time", *options, "--variants", variant,
                        "--layers", str(layers), "--json", out]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-            child_header, row = json.load(open(out))
+            with open(out) as f:
+                child_header, row = json.load(f)
             header = header or {k: v for k, v in child_header.items() if k != "process_warm_up_s"}
             results.append({**row, "process_warm_up_s": child_header["process_warm_up_s"]})
             log.info("%s", json.dumps(results[-1]))

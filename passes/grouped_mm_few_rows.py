@@ -14,7 +14,8 @@ The pass emits it only where Inductor captures CUDA graphs (emit_grouped.py, `_f
 layer at 512 tokens on an H200, one process, the same compiled graph with the kernel and with CUTLASS
 (benchmarks/few_rows_ab.py; ..._session12_few_rows_ab.json), ms forward, waited for / back to back: with CUDA graphs
 0.687 / 0.528 -> 0.587 / 0.447 (2.0x / 1.6x one read of the weights, 0.287 ms); without them 1.18 / 0.75 -> 1.30 /
-1.19: the Triton path's host time (a launch from Python inside the custom op) cost more than its GPU time saves.
+1.19: the Triton path's host time (a launch from Python inside the custom op: 66 us per call against 31.5 through
+CUTLASS, benchmarks/few_rows_host.py, session 13) cost more than its GPU time saves on a host-bound layer.
 
 Only for weights that need no gradient (frozen experts, 4-bit stacks dequantized, LoRA's base weights): the backward
 is the input's gradient, the same op on b transposed. The pass emits torch._grouped_mm for trainable stacks.

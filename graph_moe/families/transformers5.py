@@ -10,7 +10,8 @@ then up rows) and `down_proj` (E, H, I). The decorator dispatches that module's 
 - "grouped_mm" (5.x's default on torch >= 2.9) and "batched_mm" are transformers' own grouped forwards: already
   one graph of grouped GEMMs / bmms with no loop. `install` leaves them and says so: taking them over would make
   Dynamo trace E unrolled bodies (seconds per layer kind at E=128) for the pass to fold back into the grouped
-  GEMMs transformers already runs (benchmarks/RESULTS.md: graph_moe and the compiled 5.x-style grouped forward are level).
+  GEMMs transformers already runs (benchmarks/RESULTS.md: graph_moe and the compiled 5.x-style grouped forward are
+  level).
 
 Which classes: every 5.24 class whose eager forward is the standard loop is listed by name (below), and each
 instance is checked by structure: its class's own eager forward must be one of the two standard loops (compared
