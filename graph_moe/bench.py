@@ -296,7 +296,10 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 torch.cuda.synchronize()
                 row[f"{vname}_first_call_s"] = time.perf_counter() - t0
                 ref = refs[reference_kind(vname)]
-                row[f"{vname}_max_diff"] = (out.float() - ref.float()).abs().max().item()
+                row[f"{vname}_max_diff"] = diff = (out.float() - ref.float()).abs().max().item()
+                if diff > DIFF_WARNING * ref.float().abs().max().item():
+                    log.warning("%s at %d tokens differs from its eager block by %.3g, over %d%% of the largest "
+                                "output: check it before trusting its times", vname, tokens, diff, 100 * DIFF_WARNING)
                 del out
                 modules = [m for m in (lora_block, qlora_block, getattr(fn, "module", None)) if m is not None]
                 steps[vname] = _steps(fn, x, [q for m in modules for q in m.parameters() if q.requires_grad])
@@ -326,6 +329,13 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 on_results([card] + results)
         progress.close()
     return [card] + results
+
+
+# A variant further than this (times the largest output) from its eager block is suspect. At the Qwen3-30B-A3B shape
+# the largest output is ~0.85 and bf16 implementations on the same router differ by 0.006-0.012; a bf16 layer against
+# its fp32 self, whose routing flips near ties, by 12% (CPU, 1024 tokens); NF4 + LoRA against the frozen bf16 block
+# (session 13's mislabelled check) by ~25%.
+DIFF_WARNING = 0.10
 
 
 def reference_kind(variant: str) -> str:
@@ -416,7 +426,11 @@ def main(argv=None) -> int:
                   qlora=args.qlora, mode=args.mode, unsloth=args.unsloth, only=args.only, autotune=args.autotune,
                   router_topk=args.router_topk, on_results=write)
     write(results)
-    diffs = {k: v for r in results[1:] for k, v in r.items() if k.endswith("_max_diff")}
+    diffs = {}
+    for row in results[1:]:
+        for k, v in row.items():
+            if k.endswith("_max_diff"):
+                diffs[k] = max(v, diffs.get(k, 0.0))
     log.info("largest |output - HF loop| per variant: %s", {k: f"{v:.3g}" for k, v in diffs.items()})
     print(table(results))
     return 0
