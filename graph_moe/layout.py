@@ -286,6 +286,12 @@ def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
     linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
     four_bit = _is_4bit(linears[0][0])
     gate_up, down = (_stack_4bit if four_bit else _stack_plain)(linears)
+    # A stack's shape never changes (a new layout makes new tensors): static even under torch.compile(dynamic=True).
+    # With a symbolic expert count the pass cannot tell that stack[e] for e < E is the whole stack, and copies the E
+    # slices on every forward instead of handing it to the grouped GEMM.
+    for stack in (gate_up, down):
+        for tensor in (stack.packed, stack.absmax) if four_bit else (stack,):
+            torch._dynamo.mark_static(tensor)
     owner = None
     if stacked and not four_bit:
         owner, gate_up, down = stack_experts(block, linears, gate_up, down), None, None

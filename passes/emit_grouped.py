@@ -469,8 +469,20 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
         for user in list(step.index_add.users):
             if user not in loop.erase:
                 user.replace_input_with(step.index_add, result)
-    _drop(graph, loop.erase)
+    _erase_loop(graph, loop.erase)
     _drop_unused(graph, [cand.mask])
+
+
+def _erase_loop(graph: fx.Graph, nodes) -> None:
+    """Erase the traced loop, last node first, except what the rewrite still reads: the per-expert weight slices it
+    stacks when the experts read a stack it cannot take whole (one with more rows than experts). Those are reads
+    of weights, never the loop's in-place steps, which nothing reads once the accumulator's readers are rerouted."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
+        if not n.users:
+            graph.erase_node(n)
+        elif is_inplace(n) or op_name(n) == "index_add_":
+            raise AssertionError(f"graph_moe: the rewrite reads {n.format_node()}, a step of the loop it replaced")
 
 
 def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4bit: bool = False):

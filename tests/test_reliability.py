@@ -411,6 +411,43 @@ def test_weight_shared_by_every_expert_is_one_linear():
         assert rec.count("_grouped_mm") == 1 and rec.reports[0].projections == ["gate_proj+up_proj"]
 
 
+class _RowsOfAStack(nn.Module):
+    """Expert e's weights are rows e of two stacked parameters, the first with one row more than there are experts
+    (a padding or "null" expert): stack[e] for every e is not the whole stack, so the pass stacks the E rows."""
+
+    def __init__(self, hidden=16, inter=32, num_experts=4, top_k=2):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(num_experts + 1, inter, hidden) / 4)
+        self.w_out = nn.Parameter(torch.randn(num_experts, hidden, inter) / 4)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, selected = torch.topk(F.softmax(self.gate(x), dim=1, dtype=torch.float), self.top_k, dim=-1)
+        weights = weights.to(x.dtype)
+        final = torch.zeros_like(x)
+        mask = F.one_hot(selected, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(mask[e])
+            out = F.linear(F.silu(F.linear(x[top_x], self.w_in[e])), self.w_out[e]) * weights[top_x, idx, None]
+            final.index_add_(0, top_x, out)
+        return final.reshape(shape)
+
+
+def test_stack_with_more_rows_than_experts_equals_eager():
+    """Regression (session 13): the rewrite stacked the experts' rows of w_in, then erased those rows' reads with the
+    loop and crashed in the user's torch.compile. Now the reads stay, and output and gradients equal eager."""
+    torch.manual_seed(11)
+    module = Model(_RowsOfAStack().to(BF16))
+    rec = Recorder(inner="eager")
+    check_against_eager(module, _x(2, 5, 16), rec)
+    assert_each_loop_accounted(rec.reports, BLOCK)
+    assert rec.reports[0].rewritten and rec.count("index_add_") == 0
+    assert counters["graph_moe"]["weight_stacks_per_forward"] == 1  # w_in's rows; w_out is taken whole
+
+
 class _ReadsNeighbour(nn.Module):
     def __init__(self, expert, neighbour):
         super().__init__()
