@@ -29,9 +29,12 @@ def saved_model(tmp_path_factory):
     return path
 
 
-def _load_4bit(path, *, double_quant=False, quant_type="nf4"):
+def _load_4bit(path, *, double_quant=False, quant_type="nf4", device="cpu"):
     config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.bfloat16,
                                    bnb_4bit_use_double_quant=double_quant)
+    if device != "cpu":
+        return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16,
+                                                       device_map={"": device}).train()
     # Train mode (no dropout in this model), as a fine-tuning loop runs: in eval mode, on a CPU with AVX512-BF16,
     # bitsandbytes repacks 4-bit weights in place for its CPU kernel on the first forward (and fails when
     # in_features < block size); train mode keeps the packing its GPU kernels read, on every CPU.
@@ -79,13 +82,17 @@ def test_4bit_experts_inference_equals_bitsandbytes(saved_model, quant):
     assert order == ["dequantize_4bit", "_grouped_mm"] * 2, order
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("quant", [dict(), dict(double_quant=True, quant_type="fp4")], ids=["nf4", "fp4-double-quant"])
-def test_4bit_stacks_dequantize_to_each_experts_own_weights(saved_model, quant):
+def test_4bit_stacks_dequantize_to_each_experts_own_weights(saved_model, quant, device):
     """The layout's one dequantize per projection gives, bit for bit, what each expert's Linear4bit dequantizes: the
-    tolerance of the model comparisons above would hide a few wrong blocks."""
+    tolerance of the model comparisons above would hide a few wrong blocks. On CUDA too (bitsandbytes' kernels differ
+    by device: see the next test)."""
     from bitsandbytes.functional import dequantize_4bit
 
-    model = _load_4bit(saved_model, **quant)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _load_4bit(saved_model, device=device, **quant)
     block = model.model.layers[0].mlp
     own = [[dequantize_4bit(getattr(x, n).weight.data, getattr(x, n).weight.quant_state) for n in PROJECTIONS]
            for x in block.experts]
@@ -109,6 +116,24 @@ def test_4bit_rows_of_partial_blocks_are_not_laid_out_on_the_cpu(tmp_path):
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         assert_close_bf16(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, "logits")
+
+
+def test_4bit_partial_block_stacks_dequantize_exactly_on_cuda(tmp_path):
+    """On CUDA the layout takes experts whose rows are not whole blocks (bitsandbytes' CUDA dequantize runs over the
+    flat elements): their stacks must dequantize bit for bit to each expert's own, or the CPU rule must cover CUDA."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=96, vocab=64, seed=2).save_pretrained(tmp_path)
+    model = _load_4bit(tmp_path, device="cuda")
+    block = model.model.layers[0].mlp
+    own = [dequantize_4bit(x.down_proj.weight.data, x.down_proj.weight.quant_state) for x in block.experts]
+    report = graph_moe.install(model)
+    assert report.blocks[0].weights == "grouped layout", str(report)
+    down = block._graph_moe_layout.down.dequantize()
+    for e, weights in enumerate(own):
+        assert torch.equal(down[e], weights), e
 
 
 def test_4bit_layout_keeps_weights_4bit_and_shared(saved_model):
