@@ -81,6 +81,16 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
     router's top-k as fused arg-max steps too, on CUDA (router_topk.py). `low_memory_4bit`: 4-bit expert stacks
     dequantized a few experts at a time (grouped_mm_4bit.py)."""
     reports = []
+    # The loop may sit in a higher-order op's body (a checkpointed decoder layer, as transformers 5 traces it:
+    # tag_activation_checkpoint over the submodule wrap_body_0), not in the graph itself.
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            reports += _rewrite_graph(module, fuse_projections, router_topk, low_memory_4bit)
+    return reports
+
+
+def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool, low_memory_4bit: bool):
+    reports = []
     for cand in find_loop_candidates(gm.graph):
         block = _block_name(cand)
         num_experts = cand.num_experts or len(cand.steps)

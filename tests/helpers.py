@@ -42,7 +42,10 @@ class Keep:
         return lookup_backend(self.inner)(gm, example_inputs)
 
     def count(self, name):
-        return sum(1 for g in self.graphs for n in g.graph.nodes if getattr(n.target, "__name__", n.target) == name)
+        """Nodes calling `name` in the kept graphs, the bodies of their higher-order ops included (a checkpointed
+        layer's loop sits in one)."""
+        return sum(1 for g in self.graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+                   for n in m.graph.nodes if getattr(n.target, "__name__", n.target) == name)
 
 
 def loss_and_grads(model, ids, **kwargs):

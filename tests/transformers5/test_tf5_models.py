@@ -109,3 +109,14 @@ def test_other_eager_loops_are_refused():
     parallel._is_expert_parallel = True
     assert "expert parallelism" in unsupported_reason(parallel)
     assert isinstance(parallel.gate_up_proj, nn.Parameter)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_checkpointed_layers_rewritten_and_equal(family):
+    """Gradient checkpointing: transformers 5 runs each decoder layer under torch.utils.checkpoint, which Dynamo
+    traces as a higher-order op whose body (a submodule of the graph) holds the expert loop. Regression (session 13):
+    the pass read only the graph itself, found no loop, and said nothing; it now rewrites the body too."""
+    model = build(family, experts_implementation="eager", dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep = check_model_rewritten(model, blocks=2)
+    assert any(name.startswith("wrap_body") for graph in keep.graphs for name, _ in graph.named_children())
