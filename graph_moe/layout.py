@@ -237,7 +237,7 @@ def _why_not_4bit(lin) -> str | None:
         return "4-bit blocks straddle experts"
     if lin.weight.device.type == "cpu" and lin.in_features % state.blocksize:
         # bitsandbytes' CPU dequantize kernel reads a block's scale by row: over a stack of experts whose rows are not
-        # whole blocks it gives other numbers than each expert's own dequantize (measured with bitsandbytes 0.49).
+        # whole blocks it gives other numbers than each expert's own dequantize (measured with bitsandbytes 0.50.2).
         return f"on the CPU, in_features {lin.in_features} is not a multiple of the 4-bit block size {state.blocksize}"
     return None
 
