@@ -7,8 +7,10 @@ process's own start-up (Inductor's compile workers, imports, the CUDA context) s
     graph-moe bench --compile-time --layers 24 --variants graph_moe dense --frozen-mlp
 
 Variants (each on a fresh model in a fresh process unless --same-process, Inductor's caches off):
-- graph_moe: `graph_moe.compile(model)`: install, regional compile of each decoder layer, the pass folds the
-  E unrolled bodies into grouped GEMMs before Inductor sees them.
+- graph_moe: `graph_moe.compile(model)`: install, regional compile of each decoder layer; frozen experts (laid out)
+  traced as expert 0's body alone, which the pass groups over all E before Inductor sees it (passes/traced_once.py).
+- graph_moe_every_body: the same with `trace_experts_once=False`: Dynamo traces all E bodies, the pass proves them
+  (what `graph_moe.backend` does; graph_moe.compile traces expert 0's body alone when the experts are laid out).
 - graph_moe_stacked: the same with `stack_experts=True` (expert weights as two stacked parameters: trained
   experts need no per-forward stack, which Inductor compiles as one copy kernel per expert weight).
 - unrolled: the same installed range loop, each decoder layer compiled by plain Inductor (no pass): what
@@ -78,7 +80,8 @@ def run(variant: str, layers: int, args) -> dict:
     graph_moe.report.reset_counters()
     model = build(args, layers, dense=variant == "dense")
     if variant.startswith("graph_moe"):
-        graph_moe.compile(model, inner=args.inner, stack_experts=variant == "graph_moe_stacked")
+        graph_moe.compile(model, inner=args.inner, stack_experts=variant == "graph_moe_stacked",
+                          trace_experts_once=variant != "graph_moe_every_body")
     elif variant == "unrolled":
         graph_moe.install(model)
         for layer in model.model.layers:  # the range loop traced into one graph, Inductor on all E bodies
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="graph-moe bench --compile-time", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["graph_moe", "unrolled", "dense"],
-                   choices=["graph_moe", "graph_moe_stacked", "unrolled", "dense"])
+                   choices=["graph_moe", "graph_moe_every_body", "graph_moe_stacked", "unrolled", "dense"])
     p.add_argument("--layers", type=int, nargs="+", default=[1, 4], help="decoder layer counts, one model each")
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)

@@ -94,6 +94,34 @@ class ExpertLayout:
         down_out = to_dtype(F.linear(to_dtype(hidden, down.dtype), down[e]), hidden.dtype)
         return self._plus_lora(expert, down_name, e, hidden, down_out)
 
+    def uniform(self, experts) -> bool:
+        """Whether `expert(e, ...)` is the same computation for every e but for row e of `per_expert_stacks`: each
+        projection without LoRA, or with adapters stacked by graph_moe and PEFT state equal to expert 0's."""
+        first = [self._adapter_state(experts[0], name) for name in self.names]
+        return None not in first and all(self._adapter_state(expert, name) == first[i]
+                                          for expert in experts[1:] for i, name in enumerate(self.names))
+
+    def _adapter_state(self, expert: nn.Module, projection: str):
+        """What `_plus_lora` reads from this expert's PEFT layer other than stacked rows; None for adapter weights of
+        its own (not stacked)."""
+        module = expert._modules[projection]
+        if "lora_A" not in module._modules:
+            return ()
+        stacked = self.adapters[projection] if self.adapters is not None and projection in self.adapters else {}
+        active = module.__dict__["_active_adapter"]
+        state = [module.__dict__.get("cast_input_dtype_enabled", True)]
+        for name in [active] if isinstance(active, str) else active:
+            if name in stacked:
+                dropout = module.lora_dropout[name]
+                state.append((name, module.scaling[name], type(dropout), getattr(dropout, "p", None), dropout.training))
+            elif name in module.lora_A:
+                return None
+        return tuple(state)
+
+    def per_expert_stacks(self, stacks) -> list[torch.Tensor]:
+        """The tensors `expert(e, ...)` reads row e of: the weight stacks and the stacked adapters."""
+        return [*stacks, *([] if self.adapters is None else self.adapters.parameters())]
+
     def _plus_lora(self, expert: nn.Module, projection: str, e: int, x: torch.Tensor, result: torch.Tensor):
         """What PEFT's lora.Linear.forward adds after its base layer (vanilla LoRA, unmerged). Adapters stacked by
         graph_moe (stacked_adapters.py) are read as row e of their stacks. PEFT's state is read from its fields,

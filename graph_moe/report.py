@@ -48,6 +48,9 @@ _NOT_ROW_WISE = ("each routed row must be computed on its own: element-wise ops,
 HINTS: list[tuple[str, str]] = [
     (r"internal error", "a graph_moe bug, not a problem with the model: rerun with GRAPH_MOE_DEBUG=1 to get the "
                         "traceback and report it"),
+    (r"traced once|one row per expert",
+     "graph_moe.compile traced expert 0's body alone for this loop (passes/traced_once.py) and traces every body again "
+     "by itself; graph_moe.compile(model, trace_experts_once=False) skips that first try. Please report the reason"),
     (r"alpha=", "scale the rows before index_add_ (rows * alpha) instead of passing alpha="),
     (r"index_add_ index is not torch\.where|torch\.where of expert \w+ is used as a whole",
      "write the loop as `idx, top_x = torch.where(expert_mask[e])` ... `final.index_add_(0, top_x, rows)`, the form "

@@ -21,6 +21,7 @@ from .find_loops import LoopCandidate, find_loop_candidates
 from . import grouped_chunks
 from .ops import example_value, source_name
 from .prove_bodies import ProvenLoop, Unprovable, prove
+from .traced_once import TraceEveryExpert, is_marker
 
 log = logging.getLogger("graph_moe")
 
@@ -101,6 +102,8 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
             gemms = emit(loop, fuse_projections=fuse_projections, router_topk=router_topk,
                          low_memory_4bit=low_memory_4bit)
         except Unprovable as why:
+            if cand.marker is not None:  # expert 0's body alone: never left as traced (traced_once.py)
+                raise TraceEveryExpert(f"{block}: {_readable(str(why), gm.graph)}") from why
             reports.append(LoopReport(block, num_experts, _top_k(cand), [], False, _readable(str(why), gm.graph)))
             continue
         projections = [name for name, _ in gemms]
@@ -112,10 +115,12 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
         if chunks and slow < len(gemms):
             projections[-1] += chunks
         reports.append(LoopReport(block, num_experts, _top_k(cand), projections, True))
+    if any(is_marker(n) for n in gm.graph.nodes):
+        raise TraceEveryExpert("an expert loop traced once was not found as a loop (index_add_ chain) by the pass")
     if any(r.rewritten for r in reports):
         gm.graph.lint()
         gm.recompile()
     return reports
 
 
-__all__ = ["rewrite_moe_loops"]
+__all__ = ["rewrite_moe_loops", "TraceEveryExpert"]

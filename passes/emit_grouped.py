@@ -40,6 +40,7 @@ from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, ex
                   op_name, slice_source)
 from .early_scale import plan_early_scale
 from .prove_bodies import ProvenLoop, Unprovable
+from .traced_once import remove_marker
 
 
 def _fake_mode(node: fx.Node):
@@ -469,6 +470,8 @@ def _reroute(loop: ProvenLoop, result: fx.Node):
         for user in list(step.index_add.users):
             if user not in loop.erase:
                 user.replace_input_with(step.index_add, result)
+    if cand.marker is not None:
+        remove_marker(cand.marker)
     _erase_loop(graph, loop.erase)
     _drop_unused(graph, [cand.mask])
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .ops import INDEX_ADD, example_value, is_getitem, op_name
+from .traced_once import marker_of
 
 
 @dataclasses.dataclass
@@ -43,6 +44,7 @@ class LoopCandidate:
     mask_dims: tuple[int, ...] = ()  # the permute applied to one_hot(ids)
     mask: fx.Node | None = None
     problem: str = ""  # set when the chain is not a loop we understand
+    marker: fx.Node | None = None  # every_expert_as_expert_0: expert 0's body stands for all (traced_once.py)
 
 
 def _index_add_parts(node: fx.Node):
@@ -138,6 +140,7 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
             cand.steps.append(ExpertStep(expert[1], where, n, index, source))
         if not cand.steps:
             continue  # an index_add_ that has nothing to do with experts
+        cand.marker = marker_of(nodes[-1], root)
         if len(masks) > 1:
             cand.problem = cand.problem or "the links select from different expert masks"
         if not cand.problem:
@@ -148,7 +151,11 @@ def find_loop_candidates(graph: fx.Graph) -> list[LoopCandidate]:
             else:
                 cand.ids, cand.num_experts, cand.mask_dims = routing
                 experts = sorted(s.expert for s in cand.steps)
-                if experts != list(range(cand.num_experts)):
+                if cand.marker is not None:
+                    if experts != [0] or cand.marker.args[1] != cand.num_experts:
+                        cand.problem = (f"a loop traced once runs experts {experts[:8]} and is marked for "
+                                        f"{cand.marker.args[1]} experts, but routing has {cand.num_experts}")
+                elif experts != list(range(cand.num_experts)):
                     cand.problem = (f"the loop runs experts {experts[:8]}{'...' if len(experts) > 8 else ''}"
                                     f" but routing has {cand.num_experts}; every expert must run once")
         cand.problem = cand.problem or scaled

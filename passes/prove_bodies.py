@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .find_loops import LoopCandidate
+from .traced_once import slices_of_every_expert
 from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, cast_signature,
                   example_value, is_getitem, is_inplace, op_name, slice_source, source_name)
 
@@ -478,6 +479,29 @@ def _no_shared_parameters(bodies: list[_Body]) -> None:
                              "experts); every expert must use its own weights, or all the same one")
 
 
+def _every_expert_traced_once(b0: _Body, cand: LoopCandidate) -> list[dict]:
+    """Each expert's map for a loop traced once: body 0's nodes, with each row 0 of a stack the marker lists read as
+    row e. Those slices are the only per-expert values; everything else the body reads is the same for every expert
+    (its code is graph_moe's, uniform by construction: layout.py `ExpertLayout.uniform`)."""
+    stacks = set(cand.marker.args[2])
+    b0.leaves, b0.slices = set(), set()
+    for n in b0.nodes:
+        for a in n.all_input_nodes:
+            source = slice_source(a)
+            if a not in b0.nodes and source is not None and source[0] in stacks:
+                if source[1] != 0:
+                    raise Unprovable(f"the body traced once reads row {source[1]} of {source[0].name}, not row 0")
+                b0.slices.add(a)
+    rows = {}
+    for s in b0.slices:
+        every = slices_of_every_expert(s, cand.num_experts)
+        if every is None:
+            raise Unprovable(f"{slice_source(s)[0].name} does not have one row per expert ({cand.num_experts})")
+        rows[s], made = every
+        b0.dead |= set(made)  # erased with the loop
+    return [{**{n: n for n in b0.nodes}, **{s: rows[s][e] for s in b0.slices}} for e in range(cand.num_experts)]
+
+
 def prove(cand: LoopCandidate) -> ProvenLoop:
     steps = sorted(cand.steps, key=lambda s: s.expert)
     steps_set = {s.index_add for s in steps}
@@ -495,6 +519,8 @@ def prove(cand: LoopCandidate) -> ProvenLoop:
     _no_shared_parameters(bodies)
     b0 = bodies[0]
     maps = [{n: n for n in b0.nodes | b0.leaves | b0.slices}]
+    if cand.marker is not None:  # expert 0's body stands for every expert's (traced_once.py)
+        maps = _every_expert_traced_once(b0, cand)
     for s, b in zip(steps[1:], bodies[1:]):
         m = _Matcher(b0, b)
         m.node(steps[0].source, s.source)

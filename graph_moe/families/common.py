@@ -59,14 +59,29 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     stacks = layout.stacks() if layout is not None else None
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
     expert_modules = list(experts)  # one walk of the ModuleList, not E calls of its __getitem__ for Dynamo to trace
-    for expert_idx in range(num_experts):
+    once = _trace_once(layout, expert_modules)
+    for expert_idx in range(1 if once else num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[top_x]
         expert = expert_modules[expert_idx]
         expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert, stacks)
         current_hidden_states = expert_out * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, to_dtype(current_hidden_states, hidden_states.dtype))
+    if once:  # expert 0's body stands for every expert's; the pass groups it over all of them (passes/traced_once.py)
+        return torch.ops.graph_moe.every_expert_as_expert_0(final_hidden_states, num_experts,
+                                                            layout.per_expert_stacks(stacks))
     return final_hidden_states
+
+
+# Set by graph_moe.compile's regions around each call (compile.py): their backend's pass rewrites a loop traced once.
+TRACE_EXPERTS_ONCE = False
+
+
+def _trace_once(layout, expert_modules) -> bool:
+    """Trace expert 0's body alone: under Dynamo for graph_moe's backend, when every body is expert 0's reading row e
+    of the layout's stacks (read by Dynamo, so guarded)."""
+    return (TRACE_EXPERTS_ONCE and layout is not None and torch.compiler.is_compiling()
+            and layout.uniform(expert_modules))
 
 
 def to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -102,7 +102,7 @@ def apply(model: nn.Module, *, inner="inductor", options: dict | None = None, gl
         return model
     options = unsloth_compile_options() if options is None else options
     backend = make_backend(inner, options=options if inner == "inductor" else None, **settings)
-    compiled = compile_regions(blocks, backend, keep_compiled=True)
+    compiled = compile_regions(blocks, backend, keep_compiled=True, trace_once=True)
     model._graph_moe_install_report = report
     log.info("graph_moe: %d MoE block(s) installed, %d newly compiled", report.num_installed, compiled)
     return model

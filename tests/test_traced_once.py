@@ -1,0 +1,151 @@
+"""graph_moe.compile traces a loop of uniform experts with expert 0's body alone (passes/traced_once.py): the pass
+groups that body over every expert, results equal eager; experts that are not uniform are traced body by body; a
+loop traced once that the pass cannot rewrite is traced again with every body, never left computing expert 0."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch._dynamo.utils import counters
+
+import graph_moe
+import graph_moe.passes as passes
+from graph_moe.passes import prove_bodies
+from helpers import loss_and_grads
+from tiny_models import build
+
+LORA = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """(bodies traced, marked as traced once) of every loop the pass is given."""
+    seen = []
+    find = passes.find_loop_candidates
+
+    def spy(graph):
+        found = find(graph)
+        seen.extend((len(c.steps), c.marker is not None) for c in found)
+        return found
+    monkeypatch.setattr(passes, "find_loop_candidates", spy)
+    return seen
+
+
+def frozen_experts(model):
+    for name, param in model.named_parameters():
+        param.requires_grad_("experts" not in name)
+    return model
+
+
+def assert_equals_eager(model, reference, lengths=(7, 12)):
+    """Logits and every gradient of a training step, in float32 (where compiled and eager agree to rounding)."""
+    for length in lengths:
+        ids = torch.randint(0, 64, (2, length))
+        (logits, grads), (ref_logits, ref_grads) = loss_and_grads(model, ids), loss_and_grads(reference, ids)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+        assert ref_grads and ref_grads.keys() <= grads.keys()
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
+def test_frozen_experts_traced_once_equal_eager(family, traced):
+    model = frozen_experts(build(family, experts=8, dtype=torch.float32, seed=torch.seed() % 1000))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    assert_equals_eager(model, reference)
+    assert traced and set(traced) == {(1, True)}  # one body per loop, marked
+    assert counters["graph_moe"]["loops_rewritten"] == len(traced) and counters["graph_moe"]["weight_stacks_per_forward"] == 0
+
+
+def test_off_traces_every_body(traced):
+    model = frozen_experts(build("qwen3_moe", experts=8, dtype=torch.float32))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager", trace_experts_once=False)
+    assert_equals_eager(model, reference, lengths=(9,))
+    assert traced and set(traced) == {(8, False)}
+
+
+def test_lora_on_stacked_adapters_traced_once_equal_eager(traced):
+    model = get_peft_model(frozen_experts(build("qwen3_moe", experts=8, dtype=torch.float32)), copy.deepcopy(LORA))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    assert_equals_eager(model, reference)
+    assert set(traced) == {(1, True)}
+
+
+def test_4bit_experts_traced_once_equal_bitsandbytes(tmp_path, traced):
+    """QLoRA: NF4 experts (blocks whole, as the CPU layout needs) with LoRA on them, against bitsandbytes and PEFT."""
+    import transformers as tf
+
+    from graph_moe.model_zoo import build_model
+    from graph_moe.stacked_adapters import split_stacked
+    from helpers import assert_close_bf16, assert_grads_close
+
+    build_model("qwen3_moe", layers=2, experts=4, hidden=64, intermediate=128, vocab=64, seed=1).save_pretrained(tmp_path)
+    quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def qlora():
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16)
+        torch.manual_seed(0)  # the same adapters in both
+        return get_peft_model(model.train(), copy.deepcopy(LORA))
+    model, reference = qlora(), qlora()
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(0, 64, (2, 9))
+    (logits, grads), (ref_logits, ref_grads) = loss_and_grads(model, ids), loss_and_grads(reference, ids)
+    assert_close_bf16(logits, ref_logits, "logits")
+    lora = lambda g: split_stacked({n: v for n, v in g.items() if "lora_" in n})  # noqa: E731
+    assert_grads_close(lora(grads), lora(ref_grads))
+    assert set(traced) == {(1, True)}
+
+
+@pytest.mark.parametrize("difference", ["adapters_on_some_experts", "one_experts_scaling", "trained_experts"])
+def test_experts_that_differ_are_traced_body_by_body(difference, traced):
+    """Adapters on experts 0-3 only, one expert's LoRA scaling changed, or trained experts (no layout): the bodies
+    are not expert 0's with another row, so each is traced and proven."""
+    model = build("qwen3_moe", experts=8, dtype=torch.float32)
+    if difference != "trained_experts":
+        frozen_experts(model)
+    if difference == "adapters_on_some_experts":
+        config = copy.deepcopy(LORA)
+        config.target_modules = r".*experts\.[0-3]\.(gate|up|down)_proj"
+        model = get_peft_model(model, config)
+    elif difference == "one_experts_scaling":
+        model = get_peft_model(model, copy.deepcopy(LORA))
+        for layer in model.base_model.model.model.layers:
+            layer.mlp.experts[5].up_proj.scaling["default"] = 0.5
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    assert_equals_eager(model, reference, lengths=(9,))
+    assert traced and all(steps == 8 and not marked for steps, marked in traced)
+
+
+def test_a_loop_traced_once_that_cannot_be_rewritten_is_traced_again(traced, monkeypatch, caplog):
+    """The pass failing on expert 0's body (here: made to) must not leave a graph that computes expert 0 alone: the
+    region is traced again with every body, which the pass then rewrites (or leaves as traced, correct)."""
+    prove = prove_bodies.prove
+
+    def failing_once(cand):
+        if cand.marker is not None:
+            raise prove_bodies.Unprovable("made to fail by the test")
+        return prove(cand)
+    monkeypatch.setattr(passes, "prove", failing_once)
+    model = frozen_experts(build("qwen3_moe", experts=8, dtype=torch.float32))
+    reference = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="graph_moe"):
+        graph_moe.compile(model, inner="aot_eager")
+        assert_equals_eager(model, reference, lengths=(9, 5))
+    assert "made to fail by the test" in caplog.text and "tracing every expert's body instead" in caplog.text
+    assert traced[0] == (1, True) and set(traced[1:]) == {(8, False)}  # the first try, then every body
+    assert counters["graph_moe"]["loops_rewritten"] == len(traced) - 1
+
+
+def test_the_marker_never_computes_expert_0_alone():
+    """Run without the rewrite (another compiler, eager), the marker raises rather than return expert 0's rows."""
+    rows = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="expert 0's body only"):
+        torch.ops.graph_moe.every_expert_as_expert_0(rows, 4, [torch.randn(4, 8, 8)])
