@@ -149,3 +149,25 @@ def test_the_marker_never_computes_expert_0_alone():
     rows = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="expert 0's body only"):
         torch.ops.graph_moe.every_expert_as_expert_0(rows, 4, [torch.randn(4, 8, 8)])
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["frozen", "lora"])
+def test_the_rewrite_of_one_body_is_the_rewrite_of_every_body(adapters):
+    """The graph Inductor gets is the same either way: the same ops, in the same numbers (names aside)."""
+    from collections import Counter
+
+    from helpers import Keep
+
+    def ops(trace_experts_once):
+        model = frozen_experts(build("qwen3_moe", experts=8))
+        model = get_peft_model(model, copy.deepcopy(LORA)) if adapters else model
+        keep = Keep()
+        graph_moe.compile(model, inner=keep, trace_experts_once=trace_experts_once)
+        loss_and_grads(model, torch.randint(0, 64, (2, 9)))
+        return [Counter(str(n.target) for n in g.graph.nodes if n.op in ("call_function", "call_method"))
+                for g in keep.graphs]
+
+    once, every = ops(True), ops(False)
+    assert once and len(once) == len(every)
+    for a, b in zip(once, every):
+        assert a == b, (a - b, b - a)
