@@ -77,11 +77,16 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
 TRACE_EXPERTS_ONCE = False
 
 
+def trace_once_requested() -> bool:
+    """Under Dynamo, for graph_moe's backend: a loop whose bodies are expert 0's reading row e of some stacks may be
+    traced as expert 0's body alone, marked with graph_moe::every_expert_as_expert_0 (passes/traced_once.py)."""
+    return TRACE_EXPERTS_ONCE and torch.compiler.is_compiling()
+
+
 def _trace_once(layout, expert_modules) -> bool:
-    """Trace expert 0's body alone: under Dynamo for graph_moe's backend, when every body is expert 0's reading row e
-    of the layout's stacks (read by Dynamo, so guarded)."""
-    return (TRACE_EXPERTS_ONCE and layout is not None and torch.compiler.is_compiling()
-            and layout.uniform(expert_modules))
+    """Trace expert 0's body alone: when every body is expert 0's reading row e of the layout's stacks (read by
+    Dynamo, so guarded)."""
+    return trace_once_requested() and layout is not None and layout.uniform(expert_modules)
 
 
 def to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

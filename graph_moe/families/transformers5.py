@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graph_moe.families import transformers5_generic
-from graph_moe.families.common import Family
+from graph_moe.families.common import Family, trace_once_requested
 
 _LORA_KWARG = "_graph_moe_lora"  # the bound ParamWrappers, passed down from the outermost one
 
@@ -66,7 +66,10 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights, **kwargs):
     # The original's one_hot has a class for the expert-parallel sentinel id E; `check` refuses expert parallelism,
     # so every id is below E and one_hot(E) gives the same mask for the experts.
     expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-    for expert_idx in range(self.num_experts):
+    # Every body is expert 0's reading row e of the 3D weights and adapter factors: traced once for graph_moe's
+    # backend, which groups it over every expert (passes/traced_once.py).
+    once = trace_once_requested()
+    for expert_idx in range(1 if once else self.num_experts):
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[token_idx]
         gate_up = _linear_plus_lora(current_state, self.gate_up_proj, expert_idx, gate_up_lora)
@@ -74,6 +77,9 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights, **kwargs):
         current_hidden_states = _linear_plus_lora(current_hidden_states, self.down_proj, expert_idx, down_lora)
         current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    if once:
+        stacks = [self.gate_up_proj, self.down_proj, *(t for a, b, _ in gate_up_lora + down_lora for t in (a, b))]
+        return torch.ops.graph_moe.every_expert_as_expert_0(final_hidden_states, self.num_experts, stacks)
     return final_hidden_states
 
 
