@@ -171,3 +171,12 @@ def test_the_rewrite_of_one_body_is_the_rewrite_of_every_body(adapters):
     assert once and len(once) == len(every)
     for a, b in zip(once, every):
         assert a == b, (a - b, b - a)
+
+
+def test_trained_experts_stacked_traced_once_equal_eager(traced):
+    """stack_experts=True: trained experts as two stacked parameters, whose gradients reach every expert's rows."""
+    model = build("qwen3_moe", experts=8, dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager", stack_experts=True)
+    assert_equals_eager(model, reference)
+    assert set(traced) == {(1, True)}
