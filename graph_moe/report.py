@@ -24,6 +24,7 @@ class LoopReport:
     rewritten: bool
     reason: str = ""  # why the loop was left as traced; empty when rewritten
     hint: str = ""  # what the user can do about it; filled from the reason when not given
+    traced_once: bool = False  # Dynamo traced expert 0's body alone, standing for every expert (passes/traced_once.py)
 
     def __post_init__(self):
         if not self.rewritten and not self.hint:
@@ -32,7 +33,8 @@ class LoopReport:
     def __str__(self) -> str:
         head = f"{self.block}: {self.num_experts} experts, top-{self.top_k}"
         if self.rewritten:
-            return f"{head} -> grouped GEMMs [{', '.join(self.projections)}]"
+            once = " (expert 0's body traced for all)" if self.traced_once else ""
+            return f"{head} -> grouped GEMMs [{', '.join(self.projections)}]{once}"
         return f"{head} -> left as traced: {self.reason} (hint: {self.hint})"
 
 
@@ -109,6 +111,7 @@ def record(reports: list[LoopReport]) -> None:
     for r in reports:
         c["loops_found"] += 1
         c["loops_rewritten" if r.rewritten else "loops_skipped"] += 1
+        c["loops_traced_once"] += r.traced_once
         per_loop.debug("%s expert loop %s", "rewrote" if r.rewritten else "skipped", r)
         if not r.rewritten:
             log.warning("graph_moe left a loop as traced: %s", r)
@@ -124,7 +127,8 @@ def reset_counters() -> None:
 
 def counter_snapshot() -> dict[str, int]:
     c = counters["graph_moe"]
-    return {k: int(c[k]) for k in ("loops_found", "loops_rewritten", "loops_skipped", "weight_stacks_per_forward")}
+    return {k: int(c[k]) for k in ("loops_found", "loops_rewritten", "loops_skipped", "loops_traced_once",
+                                   "weight_stacks_per_forward")}
 
 
 __all__ = ["LoopReport", "hint_for", "record", "reset_counters", "counter_snapshot"]

@@ -59,7 +59,9 @@ def test_frozen_experts_traced_once_equal_eager(family, traced):
     graph_moe.compile(model, inner="aot_eager")
     assert_equals_eager(model, reference)
     assert traced and set(traced) == {(1, True)}  # one body per loop, marked
-    assert counters["graph_moe"]["loops_rewritten"] == len(traced) and counters["graph_moe"]["weight_stacks_per_forward"] == 0
+    snapshot = graph_moe.counter_snapshot()
+    assert snapshot["loops_rewritten"] == snapshot["loops_traced_once"] == len(traced)
+    assert snapshot["weight_stacks_per_forward"] == 0
 
 
 def test_off_traces_every_body(traced):
@@ -67,7 +69,7 @@ def test_off_traces_every_body(traced):
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager", trace_experts_once=False)
     assert_equals_eager(model, reference, lengths=(9,))
-    assert traced and set(traced) == {(8, False)}
+    assert traced and set(traced) == {(8, False)} and graph_moe.counter_snapshot()["loops_traced_once"] == 0
 
 
 def test_lora_on_stacked_adapters_traced_once_equal_eager(traced):
