@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .find_loops import LoopCandidate
 from .traced_once import slices_of_every_expert
-from .ops import (ALONG_DIM, ASSERTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, cast_signature,
+from .ops import (ALONG_DIM, ASSERTS, CASTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, cast_signature,
                   example_value, is_getitem, is_inplace, op_name, slice_source, source_name)
 
 
@@ -479,6 +479,14 @@ def _no_shared_parameters(bodies: list[_Body]) -> None:
                              "experts); every expert must use its own weights, or all the same one")
 
 
+def _indexes_a_tensor(node: fx.Node) -> bool:
+    """x[...], x.select(...), x.narrow(...) (through casts): reads of a part of a tensor, as per-expert reads are."""
+    while op_name(node) in CASTS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return (is_getitem(node) and isinstance(example_value(node.args[0]), torch.Tensor)) or op_name(node) in (
+        "select", "narrow", "slice", "index_select")
+
+
 def _every_expert_traced_once(b0: _Body, cand: LoopCandidate) -> list[dict]:
     """Each expert's map for a loop traced once: body 0's nodes, with each row 0 of a stack the marker lists read as
     row e. Those slices are the only per-expert values; everything else the body reads is the same for every expert
@@ -487,11 +495,17 @@ def _every_expert_traced_once(b0: _Body, cand: LoopCandidate) -> list[dict]:
     b0.leaves, b0.slices = set(), set()
     for n in b0.nodes:
         for a in n.all_input_nodes:
+            if a in b0.nodes or a in b0.coords:
+                continue
             source = slice_source(a)
-            if a not in b0.nodes and source is not None and source[0] in stacks:
+            if source is not None and source[0] in stacks:
                 if source[1] != 0:
                     raise Unprovable(f"the body traced once reads row {source[1]} of {source[0].name}, not row 0")
                 b0.slices.add(a)
+            elif _indexes_a_tensor(a) or stacks & _ancestors(a):
+                # possibly per expert, in a way the other experts' rows cannot be derived from: not read as shared
+                raise Unprovable(f"the body traced once reads {a.name}, a part of a tensor that is not row 0 of a "
+                                 "stack the marker lists")
     rows = {}
     for s in b0.slices:
         every = slices_of_every_expert(s, cand.num_experts)

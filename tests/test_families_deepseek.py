@@ -207,6 +207,7 @@ def test_frozen_experts_read_the_grouped_layout():
     keep = check_model_rewritten(model, blocks=1)
     assert [b.weights for b in model._graph_moe_install_report.blocks] == ["grouped layout"]
     assert keep.count("stack_weights") == 0
+    assert graph_moe.counter_snapshot()["loops_traced_once"] == 1  # expert 0's body, grouped over all (traced_once.py)
     assert len(keep.graphs) >= 2  # the dense layer compiled as well
 
 
@@ -224,6 +225,7 @@ def test_lora_on_every_expert_stays_grouped():
     ref_logits, ref_grads = loss_and_grads(reference, ids)
     logits, grads_ = loss_and_grads(model, ids)
     assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
+    assert counters["graph_moe"]["loops_traced_once"] == counters["graph_moe"]["loops_rewritten"]
     assert_close_bf16(logits, ref_logits, "logits")
     assert grads_.keys() == ref_grads.keys()
     assert sum("lora_" in n for n in grads_) == 2 * (4 + 1) * 3 * 2  # layers x (experts + shared) x projections x A/B

@@ -205,7 +205,8 @@ class StackedMoE(nn.Module):
         routing_weights = F.softmax(self.gate(hidden_states), dim=1, dtype=torch.float)
         routing_weights, selected = torch.topk(routing_weights, self.top_k, dim=-1)
         routing_weights = routing_weights.to(hidden_states.dtype)
-        out = stacked_expert_loop(hidden_states, routing_weights, selected, self.num_experts, self.expert)
+        stacks = [p for name, p in self.named_parameters() if not name.startswith("gate.")]  # what expert(e) reads
+        out = stacked_expert_loop(hidden_states, routing_weights, selected, self.num_experts, self.expert, stacks)
         return out.reshape(shape)
 
 

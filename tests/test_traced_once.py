@@ -182,3 +182,47 @@ def test_trained_experts_stacked_traced_once_equal_eager(traced):
     graph_moe.compile(model, inner="aot_eager", stack_experts=True)
     assert_equals_eager(model, reference)
     assert set(traced) == {(1, True)}
+
+
+class _ListsSomeStacks:
+    """Mixed into test_families_stacked.StackedMoE: the loop is told of the stacks `listed` only."""
+
+    listed = ()
+
+    def forward(self, hidden_states):
+        from graph_moe.families.stacked import stacked_expert_loop
+
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
+        routing_weights = torch.nn.functional.softmax(self.gate(hidden_states), dim=1, dtype=torch.float)
+        routing_weights, selected = torch.topk(routing_weights, self.top_k, dim=-1)
+        stacks = [getattr(self, name) for name in self.listed]
+        out = stacked_expert_loop(hidden_states, routing_weights.to(hidden_states.dtype), selected, self.num_experts,
+                                  self.expert, stacks)
+        return out.reshape(shape)
+
+
+@pytest.mark.parametrize("listed,once", [
+    (("w_gate", "b_gate", "w_up", "b_up", "down", "down_bias", "scale"), True),
+    (("w_gate", "b_gate", "w_up", "b_up", "down", "scale"), False),  # down_bias[e] not listed
+    (("w_gate", "b_gate", "w_up", "b_up", "down", "down_bias"), False),  # scale[e] not listed
+])
+def test_a_per_expert_read_the_loop_does_not_list_is_traced_again(listed, once, traced, caplog):
+    """Expert 0's body reading row 0 of a tensor the marker does not list: read as shared, every expert would use
+    expert 0's row. The pass refuses it, and the region is traced again with every body."""
+    from graph_moe.compile import compile_regions
+    from test_families_stacked import StackedMoE
+
+    block_class = type("Block", (_ListsSomeStacks, StackedMoE), {"listed": listed})
+    torch.manual_seed(0)
+    block = block_class(form="matmul", bias=True, fused=False, scale=True)
+    x = torch.randn(2, 5, 16)
+    expected = block(x)
+    with caplog.at_level(logging.WARNING, logger="graph_moe"):
+        compile_regions([block], graph_moe.make_backend("aot_eager"), trace_once=True)
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    assert traced[0] == (1, True) and counters["graph_moe"]["loops_rewritten"] == 1
+    if once:
+        assert len(traced) == 1 and "tracing every expert" not in caplog.text
+    else:
+        assert "not row 0 of a stack the marker lists" in caplog.text and traced[1:] == [(4, False)]

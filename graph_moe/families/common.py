@@ -59,7 +59,7 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     stacks = layout.stacks() if layout is not None else None
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
     expert_modules = list(experts)  # one walk of the ModuleList, not E calls of its __getitem__ for Dynamo to trace
-    once = _trace_once(layout, expert_modules)
+    once = trace_once(layout, expert_modules)
     for expert_idx in range(1 if once else num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[top_x]
@@ -83,7 +83,7 @@ def trace_once_requested() -> bool:
     return TRACE_EXPERTS_ONCE and torch.compiler.is_compiling()
 
 
-def _trace_once(layout, expert_modules) -> bool:
+def trace_once(layout, expert_modules) -> bool:
     """Trace expert 0's body alone: when every body is expert 0's reading row e of the layout's stacks (read by
     Dynamo, so guarded)."""
     return trace_once_requested() and layout is not None and layout.uniform(expert_modules)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_moe.families.common import Family
+from graph_moe.families.common import Family, trace_once_requested
 
 
 def _split_sizes_moe(self, layer_input: torch.Tensor):
@@ -41,13 +41,17 @@ def _split_sizes_moe(self, layer_input: torch.Tensor):
     layer_output = torch.zeros((bsz * length, self.input_size), dtype=layer_input.dtype, device=layer_input.device)
     # (E, tokens, k): torch.where lists expert e's rows token by token, the order transformers' sort gives them.
     expert_mask = F.one_hot(top_k_indices, num_classes=num_experts).permute(2, 0, 1)
-    for expert_idx in range(num_experts):
+    once = trace_once_requested()  # every body is expert 0's reading row e of the two stacks (traced_once.py)
+    for expert_idx in range(1 if once else num_experts):
         token, slot = torch.where(expert_mask[expert_idx])
         rows = layer_input[None, token].reshape(-1, emb_size)
         gate, up = F.linear(rows, expert_inputs[expert_idx]).chunk(2, dim=-1)
         hidden_states = self.activation(gate) * up
         rows_out = F.linear(hidden_states, expert_outputs[expert_idx]) * top_k_gates[token, slot, None]
         layer_output.index_add_(0, token, rows_out)
+    if once:
+        layer_output = torch.ops.graph_moe.every_expert_as_expert_0(layer_output, num_experts,
+                                                                    [expert_inputs, expert_outputs])
     return layer_output.view(bsz, length, self.input_size), router_logits
 
 

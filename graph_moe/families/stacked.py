@@ -28,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_moe.families.common import Family
+from graph_moe.families.common import Family, trace_once_requested
 
 
 def stacked_expert_loop(hidden_states: torch.Tensor, routing_weights: torch.Tensor, selected_experts: torch.Tensor,
-                        num_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor], *,
-                        scale_input: bool = False, accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The range loop over every expert, `expert(e, rows)` computing expert e's MLP from its weight slices.
+                        num_experts: int, expert: Callable[[int, torch.Tensor], torch.Tensor],
+                        stacks: list[torch.Tensor], *, scale_input: bool = False,
+                        accumulate_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The range loop over every expert, `expert(e, rows)` computing expert e's MLP from row e of each of `stacks`
+    (all it reads per expert: under graph_moe.compile only expert 0's body is traced, passes/traced_once.py).
 
     hidden_states (T, H); routing_weights (T, K) in the hidden dtype; selected_experts (T, K).
     scale_input: the routing weight multiplies the expert's input (Llama4), not its output.
@@ -43,12 +45,15 @@ def stacked_expert_loop(hidden_states: torch.Tensor, routing_weights: torch.Tens
     dtype = accumulate_dtype or hidden_states.dtype
     output = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=dtype, device=hidden_states.device)
     expert_mask = F.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
-    for expert_idx in range(num_experts):
+    once = trace_once_requested()
+    for expert_idx in range(1 if once else num_experts):
         slot, token = torch.where(expert_mask[expert_idx])
         rows = hidden_states[token]
         weight = routing_weights[token, slot, None]
         rows_out = expert(expert_idx, rows * weight) if scale_input else expert(expert_idx, rows) * weight
         output.index_add_(0, token, rows_out.to(dtype))
+    if once:
+        return torch.ops.graph_moe.every_expert_as_expert_0(output, num_experts, stacks)
     return output
 
 
@@ -76,7 +81,8 @@ def gpt_oss_forward(self, hidden_states: torch.Tensor):
     # The loop reads routing_weights[token, expert]: the top-k values, exactly as scattered.
     routing_weights = router_scores.gather(1, router_indices)
     next_states = stacked_expert_loop(hidden_states, routing_weights, router_indices, router_scores.shape[1],
-                                      _gpt_oss_expert(experts))
+                                      _gpt_oss_expert(experts), [experts.gate_up_proj, experts.gate_up_proj_bias,
+                                                                 experts.down_proj, experts.down_proj_bias])
     return next_states.view(batch_size, -1, experts.hidden_size), router_scores
 
 
@@ -121,7 +127,7 @@ def qwen3_vl_moe_forward(self, hidden_states: torch.Tensor):
     routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
     routing_weights = routing_weights.to(hidden_states.dtype)
     next_states = stacked_expert_loop(hidden_states, routing_weights, router_indices, self.num_experts,
-                                      _gated_expert(self.experts))
+                                      _gated_expert(self.experts), [self.experts.gate_up_proj, self.experts.down_proj])
     return next_states.view(batch_size, -1, self.hidden_size), router_logits
 
 
@@ -146,7 +152,8 @@ def llama4_forward(self, hidden_states: torch.Tensor):
     router_indices = torch.topk(router_logits, self.router.top_k, dim=1).indices
     routing_weights = router_scores.gather(1, router_indices)
     routed_out = stacked_expert_loop(hidden_states, routing_weights, router_indices, router_scores.shape[1],
-                                     _gated_expert(self.experts), scale_input=True, accumulate_dtype=torch.float32)
+                                     _gated_expert(self.experts), [self.experts.gate_up_proj, self.experts.down_proj],
+                                     scale_input=True, accumulate_dtype=torch.float32)
     out = self.shared_expert(hidden_states)
     out.add_(routed_out.to(hidden_states.dtype))
     return out, router_logits
