@@ -71,12 +71,14 @@ class _WithCaptureSettings:
         saved = [(name, getattr(config, name)) for name in self.settings]
         for name, value in self.settings.items():
             setattr(config, name, value)
-        saved_once, common.TRACE_EXPERTS_ONCE = common.TRACE_EXPERTS_ONCE, self.trace_once.enabled
+        # Traced by another torch.compile around this one (not graph_moe's backend then): every body.
+        once = self.trace_once.enabled and not torch.compiler.is_compiling()
+        saved_once, common.TRACE_EXPERTS_ONCE = common.TRACE_EXPERTS_ONCE, once
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             why = _cause(error, TraceEveryExpert)
-            if why is None or not self.trace_once.enabled:
+            if why is None or not once:
                 raise
             log.warning("graph_moe: %s; tracing every expert's body instead (slower to compile)", why)
             self.trace_once.enabled = common.TRACE_EXPERTS_ONCE = False

@@ -226,3 +226,15 @@ def test_a_per_expert_read_the_loop_does_not_list_is_traced_again(listed, once, 
         assert len(traced) == 1 and "tracing every expert" not in caplog.text
     else:
         assert "not row 0 of a stack the marker lists" in caplog.text and traced[1:] == [(4, False)]
+
+
+def test_another_compile_around_graph_moe_compile_traces_every_body():
+    """torch.compile(model) over a model graph_moe.compile compiled: whatever the outer trace sees, its backend is not
+    graph_moe's, so no loop traced once may reach it; results equal eager."""
+    model = frozen_experts(build("qwen3_moe", experts=8, dtype=torch.float32))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    outer = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(outer(ids, use_cache=False).logits, reference(ids, use_cache=False).logits,
+                               atol=1e-4, rtol=1e-4)
