@@ -75,6 +75,9 @@ class ExpertLayout:
     adapters: nn.ModuleDict | None = None  # the block's stacked LoRA adapters (stacked_adapters.py), if any
     owner: nn.Module | None = None  # the module whose parameters the stacks are (stacked_experts.py), if any
     valid: bool = True
+    # No projection of any expert wrapped by LoRA since the layout was built (a module registered on an expert
+    # clears it): every expert's body is then the same computation on its rows of the stacks, with no check per expert.
+    no_adapters: bool = False
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) as (E, out, in) tensors; read once per forward, before the expert loop."""
@@ -97,6 +100,8 @@ class ExpertLayout:
     def uniform(self, experts) -> bool:
         """Whether `expert(e, ...)` is the same computation for every e but for row e of `per_expert_stacks`: each
         projection without LoRA, or with adapters stacked by graph_moe and PEFT state equal to expert 0's."""
+        if self.no_adapters:  # read by Dynamo: guarded
+            return True
         first = [self._adapter_state(experts[0], name) for name in self.names]
         return None not in first and all(self._adapter_state(expert, name) == first[i]
                                           for expert in experts[1:] for i, name in enumerate(self.names))
@@ -183,6 +188,18 @@ def _on_parameter_registered(module, name, param):
 
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registered)
+
+_EXPERT_OF = "_graph_moe_expert_of"  # on each laid-out expert: its layout (a deepcopy copies both together)
+
+
+def _on_module_registered(module, name, submodule):
+    """A module registered on a laid-out expert (PEFT wrapping a projection after the layout): adapters may differ."""
+    layout = module.__dict__.get(_EXPERT_OF)
+    if layout is not None:
+        layout.no_adapters = False
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)
 
 
 def _why_not(block: nn.Module, names, stacked: bool = False) -> str | None:
@@ -333,6 +350,10 @@ def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
         for i, lin in enumerate(lins):
             _OWNERS[lin] = layout
             lin.__dict__[_SLOT] = 3 * e + i
+    layout.no_adapters = all(getattr(expert, name) is lin for expert, lins in zip(block.experts, linears)
+                             for name, lin in zip(names, lins))
+    for expert in block.experts:
+        expert.__dict__[_EXPERT_OF] = layout
     return layout
 
 
@@ -369,6 +390,8 @@ def remove_layout(block: nn.Module) -> None:
     unstack_experts(block)
     block.__dict__.pop(_ATTR, None)
     block.__dict__.pop("_apply", None)
+    for expert in block.experts:
+        expert.__dict__.pop(_EXPERT_OF, None)
 
 
 def usable_layout(block: nn.Module) -> ExpertLayout | None:

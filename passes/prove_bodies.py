@@ -487,6 +487,16 @@ def _indexes_a_tensor(node: fx.Node) -> bool:
         "select", "narrow", "slice", "index_select")
 
 
+def _module_tensor(node: fx.Node) -> bool:
+    """A graph input that is a module's parameter or buffer (not an input of the compiled function)."""
+    if node.op == "get_attr" or isinstance(example_value(node), torch.nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else name
+    return node.op == "placeholder" and ("_parameters" in name or "_buffers" in name)
+
+
 def _every_expert_traced_once(b0: _Body, cand: LoopCandidate) -> list[dict]:
     """Each expert's map for a loop traced once: body 0's nodes, with each row 0 of a stack the marker lists read as
     row e. Those slices are the only per-expert values; everything else the body reads is the same for every expert
@@ -506,6 +516,9 @@ def _every_expert_traced_once(b0: _Body, cand: LoopCandidate) -> list[dict]:
                 # possibly per expert, in a way the other experts' rows cannot be derived from: not read as shared
                 raise Unprovable(f"the body traced once reads {a.name}, a part of a tensor that is not row 0 of a "
                                  "stack the marker lists")
+            elif _module_tensor(a):  # expert 0's own weight, say: the other experts' cannot be derived from it
+                raise Unprovable(f"the body traced once reads {source_name(a)}, a module's parameter or buffer, "
+                                 "not row 0 of a stack the marker lists")
     rows = {}
     for s in b0.slices:
         every = slices_of_every_expert(s, cand.num_experts)

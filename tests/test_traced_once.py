@@ -238,3 +238,38 @@ def test_another_compile_around_graph_moe_compile_traces_every_body():
     ids = torch.randint(0, 64, (2, 7))
     torch.testing.assert_close(outer(ids, use_cache=False).logits, reference(ids, use_cache=False).logits,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_lora_added_after_compile_is_seen(traced, caplog):
+    """PEFT wraps the expert projections of a model graph_moe.compile already compiled (install not run again, so
+    the adapters are each expert's own): the layout notes it and the loop is traced body by body; equal eager."""
+    model = frozen_experts(build("qwen3_moe", experts=8, dtype=torch.float32))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    assert_equals_eager(model, reference, lengths=(6,))
+    torch.manual_seed(1)
+    model = get_peft_model(model, copy.deepcopy(LORA))
+    torch.manual_seed(1)
+    reference = get_peft_model(reference, copy.deepcopy(LORA))
+    with caplog.at_level(logging.WARNING, logger="graph_moe"):
+        assert_equals_eager(model, reference, lengths=(9,))
+    assert traced[0] == (1, True) and traced[-1] == (8, False)
+    assert "tracing every expert" not in caplog.text  # known before tracing, not found by the pass
+
+
+def test_a_stale_uniform_flag_is_caught_by_the_pass(traced, caplog):
+    """Should the layout wrongly call experts with adapters of their own uniform, expert 0's body reads expert 0's
+    adapter weights, graph inputs the pass will not read as shared: traced again with every body, equal eager."""
+    model = get_peft_model(frozen_experts(build("qwen3_moe", experts=8, dtype=torch.float32)), copy.deepcopy(LORA))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    from graph_moe.stacked_adapters import unstack_adapters
+
+    for layer in model.base_model.model.model.layers:
+        unstack_adapters(layer.mlp)  # each expert's own adapters again
+        layer.mlp.__dict__["_graph_moe_layout"].adapters = None
+        layer.mlp.__dict__["_graph_moe_layout"].no_adapters = True  # the stale flag
+    with caplog.at_level(logging.WARNING, logger="graph_moe"):
+        assert_equals_eager(model, reference, lengths=(9,))
+    assert "a module's parameter or buffer" in caplog.text
+    assert traced[0] == (1, True) and traced[-1] == (8, False)
