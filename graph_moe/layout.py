@@ -390,7 +390,8 @@ def remove_layout(block: nn.Module) -> None:
     unstack_experts(block)
     block.__dict__.pop(_ATTR, None)
     block.__dict__.pop("_apply", None)
-    for expert in block.experts:
+    experts = block._modules.get("experts")
+    for expert in experts if isinstance(experts, nn.ModuleList) else ():  # a 5.x experts module has none
         expert.__dict__.pop(_EXPERT_OF, None)
 
 
