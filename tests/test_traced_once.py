@@ -273,3 +273,26 @@ def test_a_stale_uniform_flag_is_caught_by_the_pass(traced, caplog):
         assert_equals_eager(model, reference, lengths=(9,))
     assert "a module's parameter or buffer" in caplog.text
     assert traced[0] == (1, True) and traced[-1] == (8, False)
+
+
+def test_rows_read_through_a_cast_are_traced_once(traced):
+    """Expert 0's body reading `stack[0].float()` (the privacy-filter form): each expert's row cast alike, the whole
+    stack cast once in the grouped graph; equal eager."""
+    from graph_moe.compile import compile_regions
+    from test_families_stacked import StackedMoE
+
+    class CastRows(_ListsSomeStacks, StackedMoE):
+        listed = ("gate_up", "down")
+
+        def expert(self, e, x):
+            gate, up = (x @ self.gate_up[e].float()).chunk(2, dim=-1)
+            return (torch.nn.functional.silu(gate) * up) @ self.down[e].float()
+
+    torch.manual_seed(0)
+    block = CastRows(form="matmul", bias=False, fused=True)
+    x = torch.randn(2, 5, 16)
+    expected = block(x)
+    compile_regions([block], graph_moe.make_backend("aot_eager"), trace_once=True)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    assert traced == [(1, True)] and counters["graph_moe"]["loops_rewritten"] == 1
+    assert graph_moe.counter_snapshot()["weight_stacks_per_forward"] == 0  # the stack cast whole, not copied row by row
