@@ -114,7 +114,8 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
         chunks = _chunk_note(cand, num_experts)
         if chunks and slow < len(gemms):
             projections[-1] += chunks
-        reports.append(LoopReport(block, num_experts, _top_k(cand), projections, True, traced_once=cand.marker is not None))
+        reports.append(LoopReport(block, num_experts, _top_k(cand), projections, True,
+                                  traced_once=cand.marker is not None))
     if any(is_marker(n) for n in gm.graph.nodes):
         raise TraceEveryExpert("an expert loop traced once was not found as a loop (index_add_ chain) by the pass")
     if any(r.rewritten for r in reports):

@@ -108,11 +108,16 @@ def is_inplace(node: fx.Node) -> bool:
     return name in {"iadd", "isub", "imul", "itruediv"}
 
 
-def source_name(node: fx.Node) -> str:
-    """'experts.0.up_proj.weight' for a Dynamo placeholder of L['self']._modules['experts']...['weight']."""
+def source_text(node: fx.Node) -> str | None:
+    """Dynamo's source of a graph input, "L['self']._modules['experts']..._parameters['weight']", or None."""
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = getattr(source, "name", None)
-    text = (name() if callable(name) else name) or node.name
+    return name() if callable(name) else name
+
+
+def source_name(node: fx.Node) -> str:
+    """'experts.0.up_proj.weight' for a Dynamo placeholder of L['self']._modules['experts']...['weight']."""
+    text = source_text(node) or node.name
     text = re.sub(r"^L\[[^\]]*\](\[\d+\])?", "", text)
     words = re.findall(r"\['([^']+)'\]|\.(\w+)|\[(\d+)\]", text)
     parts = [w for group in words for w in group if w and w not in ("_modules", "_parameters", "_buffers", "__dict__")]

@@ -25,7 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .find_loops import LoopCandidate
 from .traced_once import slices_of_every_expert
 from .ops import (ALONG_DIM, ASSERTS, CASTS, ELEMENTWISE, FRESH, LAYOUT, LINEAR, MATMUL, NORMS, SIZE, cast_signature,
-                  example_value, is_getitem, is_inplace, op_name, slice_source, source_name)
+                  example_value, is_getitem, is_inplace, op_name, slice_source, source_name, source_text)
 
 
 class Unprovable(Exception):
@@ -491,10 +491,8 @@ def _module_tensor(node: fx.Node) -> bool:
     """A graph input that is a module's parameter or buffer (not an input of the compiled function)."""
     if node.op == "get_attr" or isinstance(example_value(node), torch.nn.Parameter):
         return True
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", "")
-    name = name() if callable(name) else name
-    return node.op == "placeholder" and ("_parameters" in name or "_buffers" in name)
+    source = source_text(node) or ""
+    return node.op == "placeholder" and ("_parameters" in source or "_buffers" in source)
 
 
 def _every_expert_traced_once(b0: _Body, cand: LoopCandidate) -> list[dict]:

@@ -16,3 +16,18 @@ def fresh_dynamo():
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """(bodies traced, marked as traced once) of every expert loop the pass is given (passes/traced_once.py)."""
+    import graph_moe.passes as passes
+
+    seen, find = [], passes.find_loop_candidates
+
+    def spy(graph):
+        found = find(graph)
+        seen.extend((len(c.steps), c.marker is not None) for c in found)
+        return found
+    monkeypatch.setattr(passes, "find_loop_candidates", spy)
+    return seen

@@ -21,20 +21,6 @@ from tiny_models import build
 LORA = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["gate_proj", "up_proj", "down_proj"])
 
 
-@pytest.fixture
-def traced(monkeypatch):
-    """(bodies traced, marked as traced once) of every loop the pass is given."""
-    seen = []
-    find = passes.find_loop_candidates
-
-    def spy(graph):
-        found = find(graph)
-        seen.extend((len(c.steps), c.marker is not None) for c in found)
-        return found
-    monkeypatch.setattr(passes, "find_loop_candidates", spy)
-    return seen
-
-
 def frozen_experts(model):
     for name, param in model.named_parameters():
         param.requires_grad_("experts" not in name)
