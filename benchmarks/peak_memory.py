@@ -5,6 +5,14 @@
 For each variant: the transient peak (max allocated during a forward+backward minus what was allocated before it,
 so resident weights of other variants do not count), and with `--snapshot` the largest blocks alive at the peak with
 the Python frames that allocated them (torch.cuda.memory._record_memory_history).
+
+`--mode reduce-overhead` compiles the graph_moe variants with CUDA graphs. A replayed graph allocates nothing (its
+intermediates live in the graph's private memory pool, allocated when it was recorded), so the transient peak of a
+replay undercounts it. Each variant also reports what the allocator holds beyond the live tensors after the step
+(reserved - allocated, the cache emptied before the variant was built): for an eager variant about its transient peak,
+for a CUDA-graph variant its pool.
+
+    python benchmarks/peak_memory.py --variants graph_moe_qlora_low_memory hf_loop_qlora --mode reduce-overhead
 """
 
 import argparse
@@ -16,14 +24,14 @@ import torch
 from graph_moe.bench import SHAPES, benchmark_block, block_variant, graph_moe_block
 
 
-def make_variant(name, block):
+def make_variant(name, block, mode=None):
     """hf_loop_{frozen,lora,qlora} or graph_moe_{frozen,lora,qlora}, with `_low_memory`: low_memory_4bit=True."""
     low_memory = name.endswith("_low_memory")
     name = name.removesuffix("_low_memory")
     module = block_variant(name.rsplit("_", 1)[-1] if name.endswith("lora") else "frozen", block)
     if name.startswith("hf_loop"):
         return (lambda x: module(x)[0]), module
-    fn = graph_moe_block(module, low_memory_4bit=low_memory)
+    fn = graph_moe_block(module, mode=mode, low_memory_4bit=low_memory)
     return fn, fn.module
 
 
@@ -52,12 +60,15 @@ def main():
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--snapshot", action="store_true", help="also list the largest blocks alive at the peak")
+    p.add_argument("--mode", default=None, help="torch.compile mode of the graph_moe variants (reduce-overhead)")
     p.add_argument("--json", default="peak_memory.json")
     args = p.parse_args()
     block = benchmark_block(args.shape)
-    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens}
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
+               "mode": args.mode}
     for name in args.variants:
-        fn, module = make_variant(name, block)
+        torch.cuda.empty_cache()
+        fn, module = make_variant(name, block, args.mode)
         trainable = [q for q in module.parameters() if q.requires_grad]
         x = torch.randn(1, args.tokens, SHAPES[args.shape][2], device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn_like(x)
@@ -80,7 +91,8 @@ def main():
             torch.cuda.memory._record_memory_history(max_entries=200000)
         step()
         torch.cuda.synchronize()
-        row = {"transient_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9}
+        row = {"transient_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9,
+               "held_beyond_live_gb": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 1e9}
         if args.snapshot:
             snap = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
