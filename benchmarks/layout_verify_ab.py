@@ -21,14 +21,14 @@ import time
 import torch
 
 import graph_moe
-from graph_moe.bench import ROUNDS, _cuda_time, benchmark_block, layer_step
+from graph_moe.bench import ROUNDS, _cuda_time, benchmark_block, layer_step, own_code
 from graph_moe.compile import TraceOnce, _WithCaptureSettings
 
 
 def compiled_block(block, verified: bool):
     ours = copy.deepcopy(block)
     graph_moe.install(ours)
-    compiled = torch.compile(lambda hidden: ours(hidden)[0], backend=graph_moe.make_backend("inductor"))
+    compiled = torch.compile(own_code(lambda hidden: ours(hidden)[0]), backend=graph_moe.make_backend("inductor"))
     return _WithCaptureSettings(compiled, trace_once=TraceOnce(True), blocks=[ours] if verified else [])
 
 

@@ -102,3 +102,25 @@ def test_bench_checks_each_variant_against_its_own_block():
     assert kinds == {"graph_moe": "", "grouped_compiled": "", "hf_loop": "", "graph_moe_lora": "lora",
                      "hf_loop_lora": "lora", "graph_moe_qlora": "qlora", "graph_moe_qlora_low_memory": "qlora",
                      "graph_moe_per_expert_qlora": "qlora", "hf_loop_qlora": "qlora", "unsloth_qlora": "qlora"}
+
+
+def test_bench_variants_keep_their_own_dynamo_cache():
+    """Closures made per variant share one code object, and Dynamo one cache per code object: each variant's call
+    would check the others' guards first. `own_code` gives each compiled variant a cache of its own."""
+    import torch
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from graph_moe.bench import own_code
+
+    def variant(scale):
+        def first_output(x):
+            return x * scale
+        return first_output
+
+    x = torch.randn(4)
+    shared = [variant(2.0), variant(3.0)]
+    own = [own_code(variant(2.0)), own_code(variant(3.0))]
+    for fn in shared + own:
+        torch.testing.assert_close(torch.compile(fn, backend="eager")(x), fn(x))
+    assert len(_debug_get_cache_entry_list(shared[0].__code__)) == 2
+    assert [len(_debug_get_cache_entry_list(fn.__code__)) for fn in own] == [1, 1]
