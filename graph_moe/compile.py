@@ -22,7 +22,6 @@ from graph_moe.backend import make_backend
 from graph_moe.families import common
 from graph_moe.passes import TraceEveryExpert
 from graph_moe.install import InstallReport, install
-from graph_moe.layout import laid_out_blocks, verify
 
 log = logging.getLogger("graph_moe")
 
@@ -59,14 +58,11 @@ class TraceOnce:
 
 class _WithCaptureSettings:
     """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call.
-    trace_once: a TraceOnce, for callables compiled with graph_moe's backend (whose pass rewrites loops traced once).
-    blocks: the laid-out MoE blocks the callable runs, whose layouts are verified in plain Python around each call
-    (layout.verify: Dynamo then guards one flag per block, not 3 x E expert modules and weights)."""
+    trace_once: a TraceOnce, for callables compiled with graph_moe's backend (whose pass rewrites loops traced once)."""
 
-    def __init__(self, compiled, extra=None, trace_once: TraceOnce | None = None, blocks=()):
+    def __init__(self, compiled, extra=None, trace_once: TraceOnce | None = None):
         self.compiled, self.settings = compiled, {**CAPTURE_SETTINGS, **(extra or {})}
         self.trace_once = trace_once or TraceOnce(False)
-        self.blocks = list(blocks)
 
     def __call__(self, *args, **kwargs):
         # Set and restored by hand, on every layer call: torch._dynamo.config.patch took 22-31 us per call on a 2-core
@@ -76,10 +72,8 @@ class _WithCaptureSettings:
         for name, value in self.settings.items():
             setattr(config, name, value)
         # Traced by another torch.compile around this one (not graph_moe's backend then): every body.
-        outer = torch.compiler.is_compiling()
-        once = self.trace_once.enabled and not outer
+        once = self.trace_once.enabled and not torch.compiler.is_compiling()
         saved_once, common.TRACE_EXPERTS_ONCE = common.TRACE_EXPERTS_ONCE, once
-        verified = [] if outer else [layout for layout in map(verify, self.blocks) if layout is not None]
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -90,8 +84,6 @@ class _WithCaptureSettings:
             self.trace_once.enabled = common.TRACE_EXPERTS_ONCE = False
             return self.compiled(*args, **kwargs)
         finally:
-            for layout in verified:  # only for this call: code compiled any other way never reads a stale verdict
-                layout.verified = False
             common.TRACE_EXPERTS_ONCE = saved_once
             for name, value in saved:
                 setattr(config, name, value)
@@ -135,7 +127,7 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, trace_once
             continue
         region._compiled_call_impl = _WithCaptureSettings(
             torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs),
-            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None, once, laid_out_blocks(region))
+            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None, once)
         compiled += 1
     return compiled
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import operator
 import types
 import weakref
 from typing import Callable
@@ -79,11 +78,6 @@ class ExpertLayout:
     # No projection of any expert wrapped by LoRA since the layout was built (a module registered on an expert
     # clears it): every expert's body is then the same computation on its rows of the stacks, with no check per expert.
     no_adapters: bool = False
-    # Set just before one call of a graph_moe.compile region, cleared after it: `verify` found the layout current with
-    # no adapters, in plain Python. The traced forward then reads this one (guarded) flag instead of 3 x E facts.
-    verified: bool = False
-    # What `verify` compares, flat over experts x projections (built once with the layout)
-    bare_parts: tuple = ()
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) as (E, out, in) tensors; read once per forward, before the expert loop."""
@@ -137,8 +131,6 @@ class ExpertLayout:
         """What PEFT's lora.Linear.forward adds after its base layer (vanilla LoRA, unmerged). Adapters stacked by
         graph_moe (stacked_adapters.py) are read as row e of their stacks. PEFT's state is read from its fields,
         not its properties: traced by Dynamo, every read is a guard, and there are 3 x E modules."""
-        if self.verified:  # no expert has adapters (`verify`)
-            return result
         module = expert._modules[projection]
         if "lora_A" not in module._modules:
             return result
@@ -362,10 +354,6 @@ def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
                              for name, lin in zip(names, lins))
     for expert in block.experts:
         expert.__dict__[_EXPERT_OF] = layout
-    experts = list(block.experts)
-    flat = [(expert._modules, name, lin) for expert, lins in zip(experts, linears) for name, lin in zip(names, lins)]
-    weights = None if four_bit or owner is not None else [lin._parameters for _, _, lin in flat]
-    layout.bare_parts = (experts, *map(list, zip(*flat)), weights)
     return layout
 
 
@@ -407,60 +395,31 @@ def remove_layout(block: nn.Module) -> None:
         expert.__dict__.pop(_EXPERT_OF, None)
 
 
-def laid_out_blocks(module: nn.Module) -> list[nn.Module]:
-    """The blocks in `module` (itself included) that `graph_moe.install` laid out."""
-    return [m for m in module.modules() if _ATTR in m.__dict__]
-
-
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
-_WEIGHT = operator.itemgetter("weight")
-
-
-def verify(block: nn.Module) -> ExpertLayout | None:
-    """Plain Python, before one call of compiled code: the block's layout if it is current and no expert has
-    adapters (the projections are the laid-out Linears, with frozen weights), marked `verified` for that call; else
-    None. Each check is one C-level pass over the 3 x E modules (map, list compare): microseconds at E=128, where
-    Dynamo, checking the same in `usable_layout`, wraps every expert weight to guard its requires_grad (about 1 s of
-    tracing per 128-expert block). The caller clears `verified` after the call."""
-    layout = block.__dict__.get(_ATTR)
-    if layout is None or not layout.valid or not layout.no_adapters:
-        return None
-    experts, module_dicts, names, linears, weights = layout.bare_parts
-    try:
-        if list(block._modules["experts"]._modules.values()) != experts:  # list == compares by identity first
-            return None
-        if list(map(operator.getitem, module_dicts, names)) != linears:
-            return None
-        if weights is not None and any(map(_REQUIRES_GRAD, map(_WEIGHT, weights))):
-            return None
-    except (KeyError, AttributeError):  # a projection or weight removed by hand
-        return None
-    layout.verified = True
-    return layout
-
-
 def usable_layout(block: nn.Module) -> ExpertLayout | None:
     """The block's layout if it is current, else None. Traced by Dynamo: every fact read here is guarded (C++ guards:
-    on an H200's host they cost less than the same checks run in Python before each call, which were tried), unless
-    `verify` checked them just before this call."""
+    on an H200's host they cost less than the same checks run in Python before each call, which were tried twice).
+    Written for Dynamo's tracing, which costs per bytecode and most per inlined call, 3 x E times: no helper calls
+    but for LoRA wrappers, loop invariants read once."""
     layout = getattr(block, _ATTR, None)
     if layout is None or not layout.valid:
         return None
-    if layout.verified:
-        return layout
-    for e, expert in enumerate(block.experts):
-        for i, name in enumerate(layout.names):
-            module = expert._modules[name]
-            lin = _base(module)
+    names, four_bit, slot = layout.names, layout.four_bit, 0
+    for expert in block.experts:
+        modules = expert._modules
+        for name in names:
+            module = modules[name]
+            wrapped = "lora_A" in module._modules
+            lin = module._modules.get("base_layer", module) if wrapped else module  # _base, inlined
             # The slot mark rather than `lin is layout.linears[e][i]`: Dynamo guards an `is` between two objects
             # with a Python lambda, an integer with a C++ check (3 x E of them on every call), and the same
             # integers in every layer keep one compiled graph for all decoder layers.
             # A stacked layout's slices have no weight parameter (the stacks may train); a plain one's must be frozen.
             # 4-bit weights are integer tensors, which cannot require grad (and a Params4bit's attributes go through
             # __torch_function__: 2 us each, 3 x E of them)
-            weight = None if layout.four_bit else lin._parameters.get("weight")
-            if lin.__dict__.get(_SLOT) != 3 * e + i or (weight is not None and weight.requires_grad):
+            weight = None if four_bit else lin._parameters.get("weight")
+            if lin.__dict__.get(_SLOT) != slot or (weight is not None and weight.requires_grad):
                 return None
-            if module is not lin and not _plain_lora(module):
+            if wrapped and not _plain_lora(module):
                 return None
+            slot += 1
     return layout
