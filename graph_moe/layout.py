@@ -161,8 +161,7 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 def _base(module: nn.Module) -> nn.Module:
-    """The Linear under a PEFT LoRA wrapper, or the module itself. Reads `_modules`: traced in `usable_layout`,
-    where every attribute lookup is a Dynamo guard."""
+    """The Linear under a PEFT LoRA wrapper, or the module itself (`usable_layout` has the same test inline)."""
     return module._modules.get("base_layer", module) if "lora_A" in module._modules else module
 
 
