@@ -12,6 +12,7 @@ import logging
 import types
 from typing import Callable
 
+import torch
 from torch import nn
 
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
@@ -154,12 +155,14 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
 def _lay_out(block: nn.Module, projections, stacked: bool) -> str:
     if projections is None:
         return "stacked by the model"
-    current = usable_layout(block)
+    with torch.enable_grad():  # the layout as a training forward sees it (no_grad skips the requires_grad checks)
+        current = usable_layout(block)
     if current is None or (stacked and current.owner is None and not current.four_bit):
         why = lay_out(block, projections, stacked)
         if why is not None:
             return f"per expert: {why}"
-        current = usable_layout(block)
+        with torch.enable_grad():
+            current = usable_layout(block)
         if current is None:
             return "per expert: the layout's checks fail right after building it"
     if current.owner is not None:

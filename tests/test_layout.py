@@ -249,3 +249,27 @@ def test_changes_after_graph_moe_compile_are_seen(change):
         if "experts" in name:
             assert_close_bf16(grads[name], ref_grads[name], name)
 
+
+
+def test_no_grad_uses_the_layout_whatever_requires_grad_says():
+    """Under no_grad an expert weight's requires_grad is not checked (nothing is differentiated; the weights are views
+    of the stacks): the layout stays in use with an unfrozen expert, with eager's numbers; with grad on, the same
+    compiled model falls back to the modules and the unfrozen weight gets its gradient."""
+    model = _frozen()
+    reference = copy.deepcopy(model)
+    graph_moe.install(model)
+    for m in (model, reference):
+        _blocks(m)[0].experts[2].gate_proj.weight.requires_grad_(True)
+    rec = Recorder()
+    run = _compiled(model, rec)
+    ids = _ids()
+    with torch.no_grad():
+        assert_close_bf16(run(ids), reference(input_ids=ids).logits)
+    assert rec.count("stack_weights") == 0  # every block ran on its layout
+    out, ref = run(ids), reference(input_ids=ids).logits
+    seed = torch.randn_like(ref)
+    out.backward(seed), ref.backward(seed)
+    assert_close_bf16(out, ref)
+    assert rec.count("stack_weights") > 0  # the block with the unfrozen expert stacked its modules' weights
+    assert_close_bf16(_blocks(model)[0].experts[2].gate_proj.weight.grad,
+                      _blocks(reference)[0].experts[2].gate_proj.weight.grad)
