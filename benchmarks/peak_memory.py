@@ -8,10 +8,11 @@ the Python frames that allocated them (torch.cuda.memory._record_memory_history)
 
 `--mode reduce-overhead` compiles the graph_moe variants with CUDA graphs. A replayed graph allocates nothing (its
 intermediates live in the graph's private memory pool, allocated when it was recorded), so the transient peak of a
-replay undercounts it. Each variant also reports what the allocator holds beyond the live tensors after the step
-(reserved - allocated, the cache emptied before the variant was built): for a CUDA-graph variant its pool (an upper
-bound: cached blocks of the compile and the graphs' warm-up count too); for an eager variant its cache, at least its
-transient peak and more where its allocations fragment the cache (the HF loop's: 3.9 GB against a 0.74 GB peak).
+replay undercounts it. Each variant also reports the private pools' segments (`graph_pools_gb`: the CUDA graphs'
+memory), and what the allocator holds beyond the live tensors after the step (reserved - allocated, the cache emptied
+before the variant was built): for a CUDA-graph variant its pools and the blocks cached by the compile and the graphs'
+warm-up; for an eager variant its cache, at least its transient peak and more where its allocations fragment the
+cache (the HF loop's: 3.9 GB against a 0.74 GB peak).
 
     python benchmarks/peak_memory.py --variants graph_moe_qlora_low_memory hf_loop_qlora --mode reduce-overhead
 """
@@ -34,6 +35,12 @@ def make_variant(name, block, mode=None):
         return (lambda x: module(x)[0]), module
     fn = graph_moe_block(module, mode=mode, low_memory_4bit=low_memory)
     return fn, fn.module
+
+
+def graph_pools_gb() -> float:
+    """Bytes of the allocator's segments in private pools (CUDA graphs' memory), from a snapshot of its segments."""
+    segments = torch.cuda.memory._snapshot()["segments"]
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)) / 1e9
 
 
 def live_at_peak(snapshot, top=12):
@@ -93,7 +100,8 @@ def main():
         step()
         torch.cuda.synchronize()
         row = {"transient_peak_gb": (torch.cuda.max_memory_allocated() - before) / 1e9,
-               "held_beyond_live_gb": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 1e9}
+               "held_beyond_live_gb": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / 1e9,
+               "graph_pools_gb": graph_pools_gb()}
         if args.snapshot:
             snap = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
