@@ -250,7 +250,6 @@ def test_changes_after_graph_moe_compile_are_seen(change):
             assert_close_bf16(grads[name], ref_grads[name], name)
 
 
-
 def test_no_grad_uses_the_layout_whatever_requires_grad_says():
     """Under no_grad an expert weight's requires_grad is not checked (nothing is differentiated; the weights are views
     of the stacks): the layout stays in use with an unfrozen expert, with eager's numbers; with grad on, the same

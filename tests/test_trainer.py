@@ -2,7 +2,6 @@
 losses as eager training, with every expert loop rewritten into grouped GEMMs."""
 
 import copy
-import tempfile
 
 import torch
 import transformers as tf
@@ -23,8 +22,8 @@ class TokenRows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
-def _train(model, data) -> list[float]:
-    args = tf.TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=3,
+def _train(model, data, out_dir) -> list[float]:
+    args = tf.TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=2, max_steps=3,
                                 logging_steps=1, report_to=[], use_cpu=True, bf16=True, learning_rate=1e-2,
                                 disable_tqdm=True)
     trainer = tf.Trainer(model=model, args=args, train_dataset=data)
@@ -32,7 +31,7 @@ def _train(model, data) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_trainer_on_a_graph_moe_compiled_model_matches_eager():
+def test_trainer_on_a_graph_moe_compiled_model_matches_eager(tmp_path):
     model = build("qwen3_moe")
     for layer in model.model.layers:
         layer.mlp.experts.requires_grad_(False)  # frozen experts, trained attention and router (as under LoRA)
@@ -40,8 +39,8 @@ def test_trainer_on_a_graph_moe_compiled_model_matches_eager():
     initial = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     data = TokenRows(list(torch.randint(0, 64, (8, 12))))
     graph_moe.compile(model, inner="aot_eager")
-    losses = _train(model, data)
-    ref_losses = _train(reference, data)
+    losses = _train(model, data, tmp_path / "graph_moe")
+    ref_losses = _train(reference, data, tmp_path / "eager")
     assert len(losses) == 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=3e-2, rtol=2e-2)
     trained, ref_trained = (m.model.layers[0].self_attn.q_proj.weight.detach() for m in (model, reference))
