@@ -91,6 +91,21 @@ def test_bench_compile_time_runs_each_model_in_a_fresh_process(tmp_path):
     assert "| 1 | graph_moe |" in proc.stdout and "| 1 | dense |" in proc.stdout
 
 
+def test_bench_compile_time_backend_variant_compiles_the_whole_model(tmp_path):
+    """The `backend` variant (graph_moe.backend on the whole model, as the HF Trainer's torch_compile does): one graph
+    holding every layer's loop, each traced body by body and rewritten."""
+    out = tmp_path / "compile.json"
+    proc = _run("-m", "graph_moe", "bench", "--compile-time", "--layers", "2", "--variants", "backend", "--experts",
+                "4", "--top-k", "2", "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--tokens", "16",
+                "--lengths", "0", "--device", "cpu", "--inner", "aot_eager", "--frozen-mlp", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    _, row = json.loads(out.read_text())
+    assert row["variant"] == "backend" and row["compile_s"] > 0
+    assert row["loops_found"] == row["loops_rewritten"] == 2 and row["loops_traced_once"] == 0
+
+
 def test_bench_checks_each_variant_against_its_own_block():
     """`graph-moe bench` checks each variant's output against the eager block it was built from. Session 13 found the
     `_low_memory` QLoRA variant compared with the frozen bf16 block (a 0.22 difference that was NF4 rounding + LoRA)."""
