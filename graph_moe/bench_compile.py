@@ -18,6 +18,8 @@ Variants (each on a fresh model in a fresh process unless --same-process, Induct
 - dense: the same Qwen3-MoE config with every layer a dense MLP (`mlp_only_layers`), compiled per layer.
 - backend: `graph_moe.install` and the whole model compiled as one graph with `graph_moe.backend` (README's second
   way, and the HF Trainer's `torch_compile_backend="graph_moe"`): Dynamo traces every layer's loop, body by body.
+- backend_shared: the same with `install(model, shared_block_trace=True)`: the MoE blocks of one kind traced once
+  (graph_moe/shared_trace.py).
 
 Works on the CPU (Inductor's C++ backend) and the GPU; compile time is mostly Dynamo tracing and Inductor's
 work per node, so it depends on the number of experts far more than on the tensor sizes.
@@ -84,8 +86,8 @@ def run(variant: str, layers: int, args) -> dict:
     if variant.startswith("graph_moe"):
         graph_moe.compile(model, inner=args.inner, stack_experts=variant == "graph_moe_stacked",
                           trace_experts_once=variant != "graph_moe_every_body")
-    elif variant == "backend":
-        graph_moe.install(model)
+    elif variant.startswith("backend"):
+        graph_moe.install(model, shared_block_trace=variant == "backend_shared")
         model.compile(backend=graph_moe.make_backend(args.inner))
     elif variant == "unrolled":
         graph_moe.install(model)
@@ -153,8 +155,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="graph-moe bench --compile-time", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["graph_moe", "unrolled", "dense"],
-                   choices=["graph_moe", "graph_moe_every_body", "graph_moe_stacked", "backend", "unrolled",
-                            "dense"])
+                   choices=["graph_moe", "graph_moe_every_body", "graph_moe_stacked", "backend", "backend_shared",
+                            "unrolled", "dense"])
     p.add_argument("--layers", type=int, nargs="+", default=[1, 4], help="decoder layer counts, one model each")
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)

@@ -72,8 +72,10 @@ class _WithCaptureSettings:
         for name, value in self.settings.items():
             setattr(config, name, value)
         # Traced by another torch.compile around this one (not graph_moe's backend then): every body.
-        once = self.trace_once.enabled and not torch.compiler.is_compiling()
+        outer = torch.compiler.is_compiling()
+        once = self.trace_once.enabled and not outer
         saved_once, common.TRACE_EXPERTS_ONCE = common.TRACE_EXPERTS_ONCE, once
+        saved_region, common.IN_GRAPH_MOE_REGION = common.IN_GRAPH_MOE_REGION, not outer
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -84,7 +86,7 @@ class _WithCaptureSettings:
             self.trace_once.enabled = common.TRACE_EXPERTS_ONCE = False
             return self.compiled(*args, **kwargs)
         finally:
-            common.TRACE_EXPERTS_ONCE = saved_once
+            common.TRACE_EXPERTS_ONCE, common.IN_GRAPH_MOE_REGION = saved_once, saved_region
             for name, value in saved:
                 setattr(config, name, value)
 

@@ -18,6 +18,7 @@ from torch import nn
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import attach_adapters, lay_out, remove_layout, usable_layout
+from graph_moe.shared_trace import shared, traceable
 from graph_moe.stacked_adapters import stack_adapters, stacked_pairs, unstack_adapters
 from graph_moe.stacked_experts import is_stacked
 
@@ -59,7 +60,7 @@ class InstallReport:
 
 def _is_ours(block: nn.Module) -> bool:
     forward = block.__dict__.get("forward")
-    return getattr(forward, "__func__", None) in TRACEABLE_FORWARDS
+    return traceable(getattr(forward, "__func__", None)) in TRACEABLE_FORWARDS
 
 
 def _first_int(block: nn.Module, names) -> int | None:
@@ -81,7 +82,8 @@ def _forward_replaced(block: nn.Module) -> bool:
 
 
 def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
-            layout: bool = True, stack_lora: bool = True, stack_experts: bool = False) -> InstallReport:
+            layout: bool = True, stack_lora: bool = True, stack_experts: bool = False,
+            shared_block_trace: bool = False) -> InstallReport:
     """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
 
     Idempotent, and safe after PEFT wrapping: blocks are found wherever they sit in `model.named_modules()`.
@@ -94,6 +96,9 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     stack_lora: stack the PEFT LoRA adapters of each expert projection into one parameter per adapter
         (graph_moe/stacked_adapters.py): `model.parameters()` then yields the stacks, so create the optimizer
         after install. Install again after adding adapters to stack them too.
+    shared_block_trace: for a model compiled whole (`torch.compile(model, backend=graph_moe.backend)`, the HF
+        Trainer's torch_compile): Dynamo traces the MoE blocks of one kind once, not once per layer
+        (graph_moe/shared_trace.py). `graph_moe.compile` needs it not. Each install sets it as asked.
     """
     report = InstallReport()
     newly_stacked = experts_stacked = 0
@@ -119,8 +124,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             # Someone else (an accelerate hook, Unsloth's grouped forward) owns this instance's forward.
             entry.status = "not supported: forward already replaced on the instance"
         else:
-            block.forward = types.MethodType(family.forward, block)
             setattr(block, _MARK, family.form)
+        wanted = family and (shared(family.forward) if shared_block_trace else family.forward)
+        if entry.status.endswith("installed") and getattr(block.__dict__.get("forward"), "__func__", None) is not wanted:
+            block.forward = types.MethodType(wanted, block)
         if _is_ours(block):
             was_stacked = is_stacked(block)
             entry.weights = (_lay_out(block, family.projections, stack_experts) if layout

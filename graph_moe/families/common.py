@@ -75,6 +75,9 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
 
 # Set by graph_moe.compile's regions around each call (compile.py): their backend's pass rewrites a loop traced once.
 TRACE_EXPERTS_ONCE = False
+# Set by graph_moe.compile's regions around each call: each decoder layer is its own graph (shared_trace.py's twins
+# then call the plain forward).
+IN_GRAPH_MOE_REGION = False
 
 
 def trace_once_requested() -> bool:

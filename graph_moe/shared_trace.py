@@ -1,0 +1,44 @@
+"""Opt-in (`graph_moe.install(model, shared_block_trace=True)`): the MoE blocks of one kind traced once under a
+whole-model torch.compile, through `torch.compiler.nested_compile_region`.
+
+Compiled as one graph (`torch.compile(model, backend=graph_moe.backend)`, the HF Trainer's `torch_compile`,
+`graph_moe.inductor_options()`), a model makes Dynamo trace every layer's expert loop, body by body: about 6 s a
+layer at 128 experts on a 2-core CPU. In a nested compile region, the installed forward is traced once per block kind
+and input metadata, and every layer calls that one subgraph (an `invoke_subgraph` higher-order op, whose body the
+pass rewrites). `graph_moe.compile` needs none of it (each decoder layer is its own graph, which identical layers
+share, and expert 0's body is traced alone): in its regions the plain forward runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from graph_moe.families import common
+
+_TWINS: dict[Callable, Callable] = {}  # a family's traceable forward -> its shared-trace twin
+
+
+def shared(forward: Callable) -> Callable:
+    """`forward` (a family's traceable forward), traced as one nested compile region wherever Dynamo traces it outside
+    graph_moe.compile's regions; called as it is otherwise (eager, or in those regions)."""
+    twin = _TWINS.get(forward)
+    if twin is None:
+        region = torch.compiler.nested_compile_region(forward)
+
+        @functools.wraps(forward)
+        def twin(self, *args, **kwargs):
+            if torch.compiler.is_compiling() and not common.IN_GRAPH_MOE_REGION:
+                return region(self, *args, **kwargs)
+            return forward(self, *args, **kwargs)
+
+        twin.graph_moe_forward = forward
+        _TWINS[forward] = twin
+    return twin
+
+
+def traceable(func) -> Callable | None:
+    """The family forward behind an installed forward (itself, or the one its shared-trace twin calls)."""
+    return getattr(func, "graph_moe_forward", func)
