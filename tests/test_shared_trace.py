@@ -67,3 +67,50 @@ def test_graph_moe_compile_regions_call_the_plain_forward():
     assert keep.count("invoke_subgraph") == 0 and counters["graph_moe"]["loops_traced_once"] >= 1
     assert graph_moe.install(model).blocks[0].status == "already installed"  # and back to the plain forward
     assert "graph_moe_forward" not in vars(model.model.layers[0].mlp.forward.__func__)
+
+
+def test_4bit_experts_with_lora_share_the_trace(tmp_path):
+    """QLoRA (bitsandbytes NF4 experts + LoRA), compiled whole: with the shared trace, the loss and LoRA gradients of
+    the plain whole-model compile (and eager's loss), with fewer loops traced."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    from graph_moe.model_zoo import build_model
+
+    # hidden and intermediate multiples of the 4-bit block size (64): the CPU lays out whole blocks only
+    build_model("qwen3_moe", layers=4, experts=4, top_k=2, hidden=64, intermediate=128, vocab=64, seed=1
+                ).save_pretrained(tmp_path)
+    quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def qlora():
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        return get_peft_model(model.train(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                        target_modules=["gate_proj", "up_proj", "down_proj"]))
+
+    reference, runs = qlora(), {}
+    for shared in (True, False):
+        torch._dynamo.reset()  # PEFT's forward is one code object for both models: no compiled code shared
+        counters.clear()
+        model = qlora()
+        report = graph_moe.install(model, shared_block_trace=shared)
+        assert all(b.weights.startswith("grouped layout") for b in report.blocks)
+        keep = Keep()
+        compiled = torch.compile(model, backend=graph_moe.make_backend(keep))
+        torch.manual_seed(1)
+        for length in (6, 9):
+            ids = torch.randint(0, 64, (2, length))
+            with graph_moe.capture_settings():
+                loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            if shared:
+                assert_close_bf16(loss, reference(input_ids=ids, labels=ids, use_cache=False).loss, f"loss {length}")
+        runs[shared] = ({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        counters["graph_moe"]["loops_rewritten"], keep.count("invoke_subgraph"))
+    (grads, loops, calls), (plain_grads, plain_loops, plain_calls) = runs[True], runs[False]
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], msg=lambda m: f"{name}: {m}")
+    # layer 0 (whose input needs no gradient) has a subgraph of its own, layers 1-3 share one: the pass sees 3 loops a
+    # graph (layer 0's inlined, its unused subgraph, the shared one) where the plain compile has 4
+    assert plain_calls == 0 and calls >= 3 * 2 and loops < plain_loops == 4 * 2
