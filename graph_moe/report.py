@@ -25,6 +25,7 @@ class LoopReport:
     reason: str = ""  # why the loop was left as traced; empty when rewritten
     hint: str = ""  # what the user can do about it; filled from the reason when not given
     traced_once: bool = False  # Dynamo traced expert 0's body alone, standing for every expert (passes/traced_once.py)
+    in_subgraph: bool = False  # in a higher-order op's body (a checkpointed layer, a shared block trace)
 
     def __post_init__(self):
         if not self.rewritten and not self.hint:
@@ -119,6 +120,11 @@ def record(reports: list[LoopReport]) -> None:
         rewritten = sum(r.rewritten for r in reports)
         log.info("graph_moe: %d expert loop(s) in this graph, %d rewritten into grouped GEMMs, %d left as traced",
                  len(reports), rewritten, len(reports) - rewritten)
+    blocks = {r.block for r in reports if not r.in_subgraph}  # traced one by one into this very graph
+    if len(blocks) > 1 and not any(r.traced_once for r in reports):
+        log.info("graph_moe: %d MoE blocks in one graph, each traced expert by expert (seconds a block at 128 "
+                 "experts): graph_moe.compile(model) compiles one decoder layer of each kind with expert 0's body "
+                 "alone, or graph_moe.install(model, shared_block_trace=True) traces each kind of block once", len(blocks))
 
 
 def reset_counters() -> None:

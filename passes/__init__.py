@@ -86,7 +86,10 @@ def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
     # tag_activation_checkpoint over the submodule wrap_body_0), not in the graph itself.
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
-            reports += _rewrite_graph(module, fuse_projections, router_topk, low_memory_4bit)
+            found = _rewrite_graph(module, fuse_projections, router_topk, low_memory_4bit)
+            for report in found:
+                report.in_subgraph = module is not gm
+            reports += found
     return reports
 
 

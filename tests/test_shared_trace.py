@@ -114,3 +114,22 @@ def test_4bit_experts_with_lora_share_the_trace(tmp_path):
     # layer 0 (whose input needs no gradient) has a subgraph of its own, layers 1-3 share one: the pass sees 3 loops a
     # graph (layer 0's inlined, its unused subgraph, the shared one) where the plain compile has 4
     assert plain_calls == 0 and calls >= 3 * 2 and loops < plain_loops == 4 * 2
+
+
+def test_a_whole_model_graph_says_how_to_compile_faster(caplog):
+    """Several MoE blocks traced expert by expert into one graph: an INFO line names the faster ways; none under
+    graph_moe.compile (one decoder layer a graph) or with the shared block trace."""
+    ids = torch.randint(0, 64, (2, 6))
+    for way in ("backend", "backend, shared block trace", "graph_moe.compile"):
+        torch._dynamo.reset()
+        model = build("qwen3_moe", layers=2)
+        if way.startswith("backend"):
+            graph_moe.install(model, shared_block_trace=way.endswith("trace"))
+            compiled = torch.compile(model, backend=graph_moe.make_backend("aot_eager"))
+        else:
+            compiled = graph_moe.compile(model, inner="aot_eager")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="graph_moe"), graph_moe.capture_settings():
+            compiled(input_ids=ids, use_cache=False)
+        said = "shared_block_trace=True" in caplog.text
+        assert said == (way == "backend"), way
