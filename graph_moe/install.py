@@ -125,9 +125,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             entry.status = "not supported: forward already replaced on the instance"
         else:
             setattr(block, _MARK, family.form)
-        wanted = family and (shared(family.forward) if shared_block_trace else family.forward)
-        if entry.status.endswith("installed") and getattr(block.__dict__.get("forward"), "__func__", None) is not wanted:
-            block.forward = types.MethodType(wanted, block)
+        if entry.status.endswith("installed"):  # newly or already: the forward as asked now
+            wanted = shared(family.forward) if shared_block_trace else family.forward
+            if getattr(block.__dict__.get("forward"), "__func__", None) is not wanted:
+                block.forward = types.MethodType(wanted, block)
         if _is_ours(block):
             was_stacked = is_stacked(block)
             entry.weights = (_lay_out(block, family.projections, stack_experts) if layout
@@ -159,17 +160,21 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     return report
 
 
+def _layout_for_training(block: nn.Module):
+    """usable_layout as a training forward sees it (under no_grad it skips the requires_grad checks)."""
+    with torch.enable_grad():
+        return usable_layout(block)
+
+
 def _lay_out(block: nn.Module, projections, stacked: bool) -> str:
     if projections is None:
         return "stacked by the model"
-    with torch.enable_grad():  # the layout as a training forward sees it (no_grad skips the requires_grad checks)
-        current = usable_layout(block)
+    current = _layout_for_training(block)
     if current is None or (stacked and current.owner is None and not current.four_bit):
         why = lay_out(block, projections, stacked)
         if why is not None:
             return f"per expert: {why}"
-        with torch.enable_grad():
-            current = usable_layout(block)
+        current = _layout_for_training(block)
         if current is None:
             return "per expert: the layout's checks fail right after building it"
     if current.owner is not None:

@@ -12,8 +12,9 @@ The layout is used only while it is provably current. `usable_layout` is traced 
 guards each fact it reads: the projection modules are the ones laid out, or PEFT LoRA wrappers around
 them in plain use (unmerged, vanilla LoRA: the adapters are added as PEFT adds them), their weights do
 not require grad (checked with grad enabled only), and the layout was not invalidated (a parameter
-re-registered on a laid-out Linear, e.g. `load_state_dict(assign=True)`). `.to()`/`.cuda()`/`.half()` rebuild the views. Assigning a new
-tensor to `weight.data` by hand bypasses all of this: call `graph_moe.install(model)` again after it.
+re-registered on a laid-out Linear, e.g. `load_state_dict(assign=True)`). `.to()`/`.cuda()`/`.half()` rebuild
+the views. Assigning a new tensor to `weight.data` by hand bypasses all of this: call `graph_moe.install(model)`
+again after it.
 When any check fails the forward falls back to calling the expert modules, which the pass groups by
 stacking: slower, never stale.
 """

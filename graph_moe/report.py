@@ -124,7 +124,8 @@ def record(reports: list[LoopReport]) -> None:
     if len(blocks) > 1 and not any(r.traced_once for r in reports):
         log.info("graph_moe: %d MoE blocks in one graph, each traced expert by expert (seconds a block at 128 "
                  "experts): graph_moe.compile(model) compiles one decoder layer of each kind with expert 0's body "
-                 "alone, or graph_moe.install(model, shared_block_trace=True) traces each kind of block once", len(blocks))
+                 "alone, or graph_moe.install(model, shared_block_trace=True) traces each kind of block once",
+                 len(blocks))
 
 
 def reset_counters() -> None:

@@ -18,24 +18,19 @@ import torch
 
 from graph_moe.families import common
 
-_TWINS: dict[Callable, Callable] = {}  # a family's traceable forward -> its shared-trace twin
-
-
+@functools.cache  # one twin per family forward
 def shared(forward: Callable) -> Callable:
     """`forward` (a family's traceable forward), traced as one nested compile region wherever Dynamo traces it outside
     graph_moe.compile's regions; called as it is otherwise (eager, or in those regions)."""
-    twin = _TWINS.get(forward)
-    if twin is None:
-        region = torch.compiler.nested_compile_region(forward)
+    region = torch.compiler.nested_compile_region(forward)
 
-        @functools.wraps(forward)
-        def twin(self, *args, **kwargs):
-            if torch.compiler.is_compiling() and not common.IN_GRAPH_MOE_REGION:
-                return region(self, *args, **kwargs)
-            return forward(self, *args, **kwargs)
+    @functools.wraps(forward)
+    def twin(self, *args, **kwargs):
+        if torch.compiler.is_compiling() and not common.IN_GRAPH_MOE_REGION:
+            return region(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
 
-        twin.graph_moe_forward = forward
-        _TWINS[forward] = twin
+    twin.graph_moe_forward = forward
     return twin
 
 
