@@ -113,7 +113,7 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
         slow = sum(fallback for _, fallback in gemms)
         if slow:
             projections[-1] += (f" ({slow} of {len(gemms)} as graph_moe::grouped_mm: not bfloat16 or not 16-byte "
-                                "aligned; one host sync each)")
+                                "aligned; a Triton kernel on CUDA, one matmul per expert elsewhere)")
         chunks = _chunk_note(cand, num_experts)
         if chunks and slow < len(gemms):
             projections[-1] += chunks

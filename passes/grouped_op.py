@@ -1,15 +1,17 @@
-"""Grouped GEMM for dtypes the compiled torch._grouped_mm rejects (float32, float16).
+"""Grouped GEMM for what the compiled torch._grouped_mm rejects (float32, float16, rows not in 16-byte units).
 
 torch._grouped_mm's fake kernel accepts only bfloat16, so a float32 loop (or float32 LoRA adapters,
 which PEFT keeps by default) cannot use it under torch.compile. `graph_moe::grouped_mm` is an opaque
-custom op with a fake kernel and autograd; its kernel runs each group as one matmul, which needs the
-offsets on the host (one sync per call on a GPU): correct everywhere, fast only in bfloat16.
+custom op with a fake kernel and autograd. On CUDA with Triton its kernels find the groups' rows on the GPU
+(grouped_op_cuda.py: no host sync); elsewhere each group runs as one matmul from offsets read on the host.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from graph_moe.passes import grouped_op_cuda
 
 
 def _groups(offs: Tensor):
@@ -22,6 +24,8 @@ def _groups(offs: Tensor):
 @torch.library.custom_op("graph_moe::grouped_mm", mutates_args=())
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     """x (S, K) rows sorted by group, w (G, K, N), offs int32 end offsets -> (S, N)."""
+    if grouped_op_cuda.usable(x, w, offs):
+        return grouped_op_cuda.grouped_rows(x, w, offs)
     out = x.new_zeros(x.shape[0], w.shape[-1])
     for g, start, end in _groups(offs):
         if end > start:
@@ -37,6 +41,8 @@ def _(x, w, offs):
 @torch.library.custom_op("graph_moe::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad(x: Tensor, grad: Tensor, offs: Tensor, num_groups: int) -> Tensor:
     """Per group x[rows]^T @ grad[rows] -> (G, K, N); groups without rows get zeros."""
+    if grouped_op_cuda.usable(x, grad, offs):
+        return grouped_op_cuda.grouped_weight_grad(x, grad, offs, num_groups)
     out = x.new_zeros(num_groups, x.shape[-1], grad.shape[-1])
     for g, start, end in _groups(offs):
         if end > start:
