@@ -30,6 +30,8 @@ def build(args):
 
     config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=8, hidden=args.hidden,
                          intermediate=args.intermediate, vocab=args.vocab)
+    if args.qwen3_attention:  # Qwen3-30B-A3B's attention (make_config's 4 heads of hidden / 4 suit tiny models)
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = 32, 4, 128
     torch.manual_seed(0)
     with torch.device(args.device):
         model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
@@ -69,6 +71,8 @@ def main():
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--experts", choices=["frozen", "lora"], default="lora")
+    p.add_argument("--qwen3-attention", action="store_true",
+                   help="32 heads, 4 KV heads, head_dim 128 (session 16's runs had 4 heads of 512)")
     p.add_argument("--bf16-adapters", action="store_true",
                    help="LoRA adapters in the model's bf16 (PEFT's default keeps them in float32)")
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
