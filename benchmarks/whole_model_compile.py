@@ -86,7 +86,8 @@ def main():
     eager = copy.deepcopy(base)
     reference_loss = step(eager, ids)
     reference = grads(eager)
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "layers": args.layers,
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+               "layers": args.layers,
                "tokens": args.tokens, "experts": args.experts,
                "adapters": "bf16" if args.bf16_adapters else "float32", "eager_loss": reference_loss.item(), "runs": []}
     del eager
@@ -126,7 +127,10 @@ def main():
                "loss": loss.item(), "grads_compared": len(errors), "missing_grads": sorted(set(reference) - set(got)),
                "graphs_compiled_after_first_step": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
                "max_grad_rel_err": max(errors.values()),
-               "worst_grads": [(n, errors[n], reference[n].norm().item()) for n in sorted(errors, key=errors.get)[-5:]], "median_grad_rel_err": sorted(errors.values())[len(errors) // 2],
+               # the five worst: (name, relative error, eager's gradient norm)
+               "worst_grads": [(n, errors[n], reference[n].norm().item())
+                               for n in sorted(errors, key=errors.get)[-5:]],
+               "median_grad_rel_err": sorted(errors.values())[len(errors) // 2],
                **graph_moe.counter_snapshot()}
         results["runs"].append(run)
         print(json.dumps(run), flush=True)

@@ -24,7 +24,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _offsets(groups: int, rows: int, empty=(), short=0) -> torch.Tensor:
-    """Random group sizes over `rows` - `short` rows (the last `short` rows in no group), `empty` groups without rows."""
+    """Random group sizes over `rows` - `short` rows (the last `short` rows in no group); `empty` groups get none."""
     ids = torch.randint(0, groups, (rows - short,), device="cuda")
     for g in empty:
         ids[ids == g] = (g + 1) % groups
@@ -41,8 +41,9 @@ def _loop(x, w, offs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("groups, k, n, rows", [(8, 64, 16, 300), (6, 16, 96, 257), (5, 12, 20, 33), (128, 2048, 16, 2048),
-                                                (3, 40, 8, 0)], ids=["lora-a", "lora-b", "unaligned", "qwen3-a", "no-rows"])
+@pytest.mark.parametrize("groups, k, n, rows",
+                         [(8, 64, 16, 300), (6, 16, 96, 257), (5, 12, 20, 33), (128, 2048, 16, 2048), (3, 40, 8, 0)],
+                         ids=["lora-a", "lora-b", "unaligned", "qwen3-a", "no-rows"])
 def test_forward_and_gradients_equal_the_loop(dtype, groups, k, n, rows):
     torch.manual_seed(0)
     x = torch.randn(rows, k, device="cuda", dtype=dtype, requires_grad=True)
