@@ -584,7 +584,7 @@ def _fusable_pairs(linears):
     pairs = {}
     by_input: dict[fx.Node, list] = {}
     for g in linears:
-        by_input.setdefault(_without_noop_casts(g.node.args[0]), []).append(g)
+        by_input.setdefault(_input_key(g.node.args[0]), []).append(g)
     for readers in by_input.values():
         sliced = [g for g in readers if all(slice_source(w) is not None for w in g.weights)]
         plain = [g for g in readers if g not in sliced]
@@ -594,6 +594,18 @@ def _fusable_pairs(linears):
                 a, c = group
                 pairs[a.node], pairs[c.node] = c, a
     return pairs
+
+
+def _input_key(node):
+    """What a linear reads, up to casts: the rows after no-op casts, or (those rows, dtype) for a real cast. PEFT casts
+    each LoRA input to its adapter's dtype on its own (float32 by default: one cast node per adapter), and the factors
+    reading equal casts of one tensor read equal rows."""
+    node = _without_noop_casts(node)
+    if isinstance(node, fx.Node) and op_name(node) in CASTS and isinstance(node.args[0], fx.Node):
+        out = example_value(node)
+        if isinstance(out, torch.Tensor):
+            return _input_key(node.args[0]), out.dtype, out.device
+    return node
 
 
 def _without_noop_casts(node):

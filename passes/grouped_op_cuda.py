@@ -46,14 +46,15 @@ if triton is not None:
         for g in range(first_group, last_group + 1):
             start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
             end = tl.load(offs_ptr + g)
-            mine = (rows >= start) & (rows < end)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=mine[:, None] & (ks[None, :] < K), other=0.0)
-                b = tl.load(w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                            mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if end > start:  # empty groups inside the tile's range cost nothing (a skewed router leaves many)
+                mine = (rows >= start) & (rows < end)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    a = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk,
+                                mask=mine[:, None] & (ks[None, :] < K), other=0.0)
+                    b = tl.load(w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk
+                                + cols[None, :] * stride_wn, mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn,
                  acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -100,6 +101,14 @@ def _block(size: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(max(size, 1))))
 
 
+def _k_major(w: Tensor, row_elements: int) -> Tensor:
+    """float32 weights with K contiguous, copied so when no larger than the rows in and out: TF32 tensor cores take B
+    K-major, and read along N the LoRA shapes ran 1.5-3x slower on an H200 (session 17's sweep)."""
+    if w.dtype == torch.float32 and w.stride(1) != 1 and w.numel() <= row_elements:
+        return w.transpose(1, 2).contiguous().transpose(1, 2)
+    return w
+
+
 def grouped_rows(x: Tensor, w: Tensor, offs: Tensor, config=None) -> Tensor:
     """config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), or None for the default."""
     rows, k = x.shape
@@ -107,6 +116,7 @@ def grouped_rows(x: Tensor, w: Tensor, offs: Tensor, config=None) -> Tensor:
     y = x.new_empty(rows, n)
     if rows == 0:
         return y
+    w = _k_major(w, rows * (k + n))
     wide = 32 if x.dtype == torch.float32 else 64  # float32 tiles take twice the registers and shared memory
     # 64 deep along K in every dtype: 10-25% faster than 32 at float32 LoRA shapes on an H200 (session 16's sweep)
     block_m, block_n, block_k, warps, stages = config or (64, _block(n, 2 * wide), _block(k, 64), 4, 3)
@@ -118,13 +128,14 @@ def grouped_rows(x: Tensor, w: Tensor, offs: Tensor, config=None) -> Tensor:
     return y
 
 
-def grouped_weight_grad(x: Tensor, grad: Tensor, offs: Tensor, groups: int) -> Tensor:
+def grouped_weight_grad(x: Tensor, grad: Tensor, offs: Tensor, groups: int, config=None) -> Tensor:
+    """config: (BLOCK_M, BLOCK_K, BLOCK_N, warps, stages), or None for the default."""
     k, n = x.shape[-1], grad.shape[-1]
     out = x.new_empty(groups, k, n)
     wide = 32 if x.dtype == torch.float32 else 64
-    block_m, block_k, block_n = 2 * wide, _block(k, 2 * wide), _block(n, 2 * wide)
+    block_m, block_k, block_n, warps, stages = config or (2 * wide, _block(k, 2 * wide), _block(n, 2 * wide), 4, 3)
     grid = (groups, triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _weight_grad_kernel[grid](x, grad, offs, out, k, n, x.stride(0), x.stride(1), grad.stride(0), grad.stride(1),
                               out.stride(0), out.stride(1), out.stride(2), BLOCK_M=block_m, BLOCK_K=block_k,
-                              BLOCK_N=block_n, PRECISION=_precision(x.dtype), num_warps=4, num_stages=3)
+                              BLOCK_N=block_n, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
     return out
