@@ -9,8 +9,8 @@ default), compiles it with `graph_moe.compile`, and records every call of the op
 shapes, strides, time (each call waited for). Then, for every distinct call, times tile configs on copies of its
 operands (same strides, same offsets) against the bytes the call must move at the card's copy bandwidth.
 
-`--ab`: session 17's two changes against their absence, in one process: two copies of the model, one compiled
-without them (gate's and up's float32 A factors as two GEMMs; weights read along N as given), steps alternated.
+`--ab`: gate's and up's float32 A factors in one GEMM against two, in one process: two copies of the model, one
+compiled without the fusion, steps alternated.
 """
 
 from __future__ import annotations
@@ -79,52 +79,37 @@ def record(model, ids):
 
 
 def ab(args, model, ids, steps=10):
-    """Training steps of the model compiled with session 17's changes and without, alternated; and, for the slowest
-    rows call, the kernel on its operands, on its weight K-major, and on random rows of its shape."""
+    """Training steps of the model compiled with gate's and up's float32 A factors in one GEMM and without (two),
+    alternated; and the slowest rows call of one step, timed again, with its count of empty groups."""
     import copy
 
     before = copy.deepcopy(model)
     graph_moe.compile(model)
     graph_moe.compile(before)
-    input_key, k_major = emit_grouped._input_key, cuda_op._k_major
-    as_given = lambda w, _: w  # noqa: E731
+    input_key = emit_grouped._input_key
     with graph_moe.capture_settings():
         step(model, ids)
-        emit_grouped._input_key, cuda_op._k_major = emit_grouped._without_noop_casts, as_given
+        emit_grouped._input_key = emit_grouped._without_noop_casts  # one A factor per cast node, as before
         try:
-            step(before, ids)  # compiles without the changes
-            times = {"before": [], "after": []}
-            for _ in range(steps):
-                for name, m in (("before", before), ("after", model)):
-                    cuda_op._k_major = as_given if name == "before" else k_major
-                    m.zero_grad(set_to_none=True)
-                    start = time.perf_counter()
-                    step(m, ids)
-                    times[name].append(1e3 * (time.perf_counter() - start))
+            step(before, ids)  # compiles without the fusion
         finally:
-            emit_grouped._input_key, cuda_op._k_major = input_key, k_major
-
-    def kernel(x, w, offs):  # the row kernel on w as it is laid out
-        cuda_op._k_major = as_given
-        try:
-            return cuda_op.grouped_rows(x, w, offs)
-        finally:
-            cuda_op._k_major = k_major
-
+            emit_grouped._input_key = input_key
+        times = {"before": [], "after": []}
+        for _ in range(steps):
+            for name, m in (("before", before), ("after", model)):
+                m.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                step(m, ids)
+                times[name].append(1e3 * (time.perf_counter() - start))
     result = {f"step_ms_{k}": sorted(v)[len(v) // 2] for k, v in times.items()}
     result["steps_ms"] = times
     calls = record(before, ids)
     result["before_rows_weight_shapes"] = sorted({str(tuple(c[1][1].shape)) for c in calls if c[0] == "rows"})
     slowest = max((c for c in calls if c[0] == "rows"), key=lambda c: c[2])
     x, w, offs = slowest[1]
-    random_x, w_k_major = torch.randn_like(x), k_major(w, 1 << 62)
     result["slowest"] = {"signature": [str(s) for s in signature("rows", slowest[1])],
-                         "as_given_us": timed(lambda: kernel(x, w, offs)),
-                         "k_major_us": timed(lambda: kernel(x, w_k_major, offs)),
-                         "random_rows_us": timed(lambda: kernel(random_x, w, offs)),
-                         "random_rows_k_major_us": timed(lambda: kernel(random_x, w_k_major, offs)),
-                         "empty_groups": int((torch.diff(offs, prepend=offs.new_zeros(1)) == 0).sum()),
-                         "rows_abs_max": x.abs().max().item(), "rows_zero_fraction": (x == 0).float().mean().item()}
+                         "us": timed(lambda: cuda_op.grouped_rows(x, w, offs)),
+                         "empty_groups": int((torch.diff(offs, prepend=offs.new_zeros(1)) == 0).sum())}
     return result
 
 
@@ -165,7 +150,7 @@ def main():
     p.add_argument("--budget-s", type=float, default=240, help="time for the tile sweep, all calls together")
     p.add_argument("--precisions", nargs="+", default=["tf32x3", "ieee"],
                    help="tl.dot input precisions to sweep (float32 operands)")
-    p.add_argument("--ab", action="store_true", help="session 17's changes against their absence (see above)")
+    p.add_argument("--ab", action="store_true", help="the A factors' fusion against its absence (see above)")
     p.add_argument("--json")
     args = p.parse_args()
     args.vocab, args.num_experts, args.hidden, args.intermediate = 4096, 128, 2048, 768

@@ -101,14 +101,6 @@ def _block(size: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(max(size, 1))))
 
 
-def _k_major(w: Tensor, row_elements: int) -> Tensor:
-    """float32 weights with K contiguous, copied so when no larger than the rows in and out: TF32 tensor cores take B
-    K-major, and read along N the LoRA shapes ran 1.5-3x slower on an H200 (session 17's sweep)."""
-    if w.dtype == torch.float32 and w.stride(1) != 1 and w.numel() <= row_elements:
-        return w.transpose(1, 2).contiguous().transpose(1, 2)
-    return w
-
-
 def grouped_rows(x: Tensor, w: Tensor, offs: Tensor, config=None) -> Tensor:
     """config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), or None for the default."""
     rows, k = x.shape
@@ -116,7 +108,6 @@ def grouped_rows(x: Tensor, w: Tensor, offs: Tensor, config=None) -> Tensor:
     y = x.new_empty(rows, n)
     if rows == 0:
         return y
-    w = _k_major(w, rows * (k + n))
     wide = 32 if x.dtype == torch.float32 else 64  # float32 tiles take twice the registers and shared memory
     # 64 deep along K in every dtype: 10-25% faster than 32 at float32 LoRA shapes on an H200 (session 16's sweep)
     block_m, block_n, block_k, warps, stages = config or (64, _block(n, 2 * wide), _block(k, 64), 4, 3)
