@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_moe.families.common import to_dtype
+from graph_moe.families.common import gated_experts, to_dtype
 from graph_moe.stacked_adapters import OWNER as ADAPTERS
 from graph_moe.stacked_experts import is_stacked, stack_experts, unstack_experts
 
@@ -203,7 +203,9 @@ torch.nn.modules.module.register_module_module_registration_hook(_on_module_regi
 
 
 def _why_not(block: nn.Module, names, stacked: bool = False) -> str | None:
-    experts = list(block.experts)
+    experts = list(gated_experts(block))
+    if not experts:
+        return "no gated experts"
     dtypes = set()
     for e, expert in enumerate(experts):
         if type(expert) is not type(experts[0]) or not callable(getattr(expert, "act_fn", None)):
@@ -332,7 +334,8 @@ def _stack_plain(linears) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
-    linears = [tuple(_base(getattr(x, n)) for n in names) for x in block.experts]
+    experts = gated_experts(block)
+    linears = [tuple(_base(getattr(x, n)) for n in names) for x in experts]
     four_bit = _is_4bit(linears[0][0])
     gate_up, down = (_stack_4bit if four_bit else _stack_plain)(linears)
     # A stack's shape never changes (a new layout makes new tensors): static even under torch.compile(dynamic=True).
@@ -344,15 +347,15 @@ def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
     owner = None
     if stacked and not four_bit:
         owner, gate_up, down = stack_experts(block, linears, gate_up, down), None, None
-    layout = ExpertLayout(gate_up, down, linears, tuple(names), block.experts[0].act_fn, four_bit,
+    layout = ExpertLayout(gate_up, down, linears, tuple(names), experts[0].act_fn, four_bit,
                           block._modules.get(ADAPTERS), owner)
     for e, lins in enumerate(linears):
         for i, lin in enumerate(lins):
             _OWNERS[lin] = layout
             lin.__dict__[_SLOT] = 3 * e + i
-    layout.no_adapters = all(getattr(expert, name) is lin for expert, lins in zip(block.experts, linears)
+    layout.no_adapters = all(getattr(expert, name) is lin for expert, lins in zip(experts, linears)
                              for name, lin in zip(names, lins))
-    for expert in block.experts:
+    for expert in experts:
         expert.__dict__[_EXPERT_OF] = layout
     return layout
 
@@ -407,7 +410,7 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
         return None
     names, slot = layout.names, 0
     skip_grad = layout.four_bit or not torch.is_grad_enabled()
-    for expert in block.experts:
+    for expert in block.experts[:len(layout.linears)]:  # the gated experts (zero experts come after them)
         modules = expert._modules
         for name in names:
             module = modules[name]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graph_moe.families.common import gated_experts
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed support
@@ -48,7 +50,7 @@ class ExpertAdapterSlice(nn.Linear):
 def _candidates(block: nn.Module, projection: str) -> dict[str, list[tuple[nn.Linear, nn.Linear]]]:
     """adapter name -> every expert's (lora_A, lora_B) Linear, for the adapters that can be stacked: on every
     expert, plain bias-free Linears of one shape, dtype, device and requires_grad each, not sharded."""
-    wrappers = [getattr(expert, projection, None) for expert in block.experts]
+    wrappers = [getattr(expert, projection, None) for expert in gated_experts(block)]
     if not all(isinstance(getattr(w, "lora_A", None), nn.ModuleDict) for w in wrappers):
         return {}
     found = {}
@@ -161,7 +163,7 @@ def _split_stacks(block, state_dict, prefix, local_metadata):
 
 def _join_stacks(block, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """load_state_dict pre-hook: per-expert keys (PEFT files, `state_dict()` above) stacked into the stack's key."""
-    num_experts = len(block.experts)
+    num_experts = len(gated_experts(block))
     for projection, adapters in block._modules.get(OWNER, {}).items():
         for adapter in adapters:
             for role in ROLES:

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 import graph_moe
 from graph_moe.families import FAMILIES, unsupported_reason
-from helpers import Keep, assert_close_bf16, check_model_rewritten, loss_and_grads
+from helpers import Keep, assert_close_bf16, assert_grads_close, check_model_rewritten, loss_and_grads
 
 VOCAB = 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, max_position_embeddings=64,
@@ -172,6 +172,41 @@ def test_model_rewritten_and_equal(family):
     # the loop adds float32 products into a float32 sum: the routing weight stays after the down projection
     # (passes/early_scale.py), where bf16 rounding of h * w would cost precision
     assert not any(n.name.startswith("rows_times_routing_weight") for g in keep.graphs for n in g.graph.nodes)
+
+
+@pytest.mark.parametrize("experts", ["frozen", "stacked-trained", "lora"])
+def test_longcat_experts_get_the_grouped_layout(experts):
+    """LongCat-Flash's identity zero experts come after its MLP experts: the layout and the stacked LoRA adapters
+    cover the MLP experts, so frozen experts are read from one grouped layout, trained ones from stacked parameters
+    and PEFT's adapters from stacks (no weight stack per forward), expert 0's body traced alone; logits and gradients
+    equal eager, with tokens routed to zero experts, and the adapters keep PEFT's state_dict keys."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build("longcat_flash")
+    if experts != "stacked-trained":
+        for block in moe_blocks(model):
+            block.experts.requires_grad_(False)
+    with torch.random.fork_rng():
+        assert zero_expert_slots(model, torch.randint(0, VOCAB, (2, 7))) > 0
+    if experts == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False,
+                                                 target_modules=["gate_proj", "up_proj", "down_proj"]))
+    reference = copy.deepcopy(model)
+    keep = Keep()
+    graph_moe.compile(model, inner=keep, stack_experts=experts == "stacked-trained")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    logits, grads_ = loss_and_grads(model, ids)
+    weights = {"frozen": "grouped layout", "stacked-trained": "grouped layout, stacked parameters",
+               "lora": "grouped layout; LoRA stacked (3 projection x adapter)"}[experts]
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {weights}
+    assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_traced_once"] >= 1
+    assert counters["graph_moe"]["loops_skipped"] == 0 and counters["graph_moe"]["weight_stacks_per_forward"] == 0
+    assert keep.count("index_add_") == 0
+    assert_close_bf16(logits, ref_logits, "logits")
+    assert grads_.keys() == ref_grads.keys()
+    assert_grads_close(grads_, ref_grads)
+    assert model.state_dict().keys() == reference.state_dict().keys()
 
 
 def test_glm4v_moe_text_model_rewritten_and_equal():

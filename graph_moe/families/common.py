@@ -92,6 +92,16 @@ def trace_once(layout, expert_modules) -> bool:
     return trace_once_requested() and layout is not None and layout.uniform(expert_modules)
 
 
+def gated_experts(block: nn.Module) -> nn.ModuleList:
+    """The experts a grouped layout and stacked adapters cover: `block.experts` without trailing nn.Identity "zero
+    experts" (LongCat-Flash's, which its forward adds outside the loop)."""
+    experts = block.experts
+    count = len(experts)
+    while count and type(experts[count - 1]) is nn.Identity:
+        count -= 1
+    return experts[:count]
+
+
 def to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor.to(dtype)` without the no-op: Dynamo traces every op of the E unrolled bodies, and each one it
     does not see (a cast to the dtype a tensor already has) is compile time saved, E times per layer."""
