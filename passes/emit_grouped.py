@@ -306,6 +306,10 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
             continue
         env[node] = b.copy(node, env)
 
+    for node in fused:  # a fused linear's own cast of the rows, left unread when its partner's cast was read
+        own_input = env.get(node.args[0])
+        if isinstance(own_input, fx.Node) and not own_input.users and op_name(own_input) in CASTS:
+            b.graph.erase_node(own_input)
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
     # Back to (token, slot) order by a gather whose gradient moves rows back without atomics (a scatter, or a gather;
     # passes/row_order.py), fused with the slot adds.

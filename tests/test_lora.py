@@ -94,6 +94,7 @@ def test_float32_lora_a_factors_share_one_grouped_gemm():
     ref_loss, ref_grads = _loss_and_lora_grads(reference, ids)
     # base gate+up and down on torch._grouped_mm; fused A factors, gate B, up B, down A, down B on the float32 op
     assert keep.count("_grouped_mm") == 2 and keep.count("grouped_mm") == 5
+    assert not [n for g in keep.graphs for n in g.graph.nodes if n.target == "to" and not n.users]  # no dead cast
     assert_close_bf16(loss, ref_loss, "loss")
     assert_grads_close(grads, ref_grads)
 
