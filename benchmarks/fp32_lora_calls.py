@@ -23,6 +23,7 @@ import time
 import torch
 
 import graph_moe
+from graph_moe.bench import _cuda_time
 from graph_moe.passes import emit_grouped
 from graph_moe.passes import grouped_op_cuda as cuda_op
 
@@ -30,15 +31,8 @@ from whole_model_compile import build, step  # noqa: E402  (run from benchmarks/
 
 
 def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3  # us
+    """us per call, calls back to back."""
+    return 1e3 * _cuda_time(fn, warmup=1, iters=reps, back_to_back=True)
 
 
 def copy_bandwidth():
