@@ -410,7 +410,9 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
         return None
     names, slot = layout.names, 0
     skip_grad = layout.four_bit or not torch.is_grad_enabled()
-    for expert in block.experts[:len(layout.linears)]:  # the gated experts (zero experts come after them)
+    # zip: the gated experts only (zero experts come after them), without slicing the ModuleList (a new ModuleList,
+    # whose construction Dynamo would trace)
+    for expert, _ in zip(block.experts, layout.linears):
         modules = expert._modules
         for name in names:
             module = modules[name]

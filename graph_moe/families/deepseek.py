@@ -84,7 +84,7 @@ def longcat_flash_forward(self, hidden_states: torch.Tensor):
     mlp_indices = torch.remainder(topk_indices, num_mlp)
     mlp_weights = topk_weights.masked_fill(to_zero_expert, 0.0)
     zero_expert_weight = topk_weights.masked_fill(~to_zero_expert, 0.0).sum(dim=-1, keepdim=True)
-    routed = fp32_expert_loop(self.experts[:num_mlp], hidden_states, mlp_indices, mlp_weights, num_mlp,
+    routed = fp32_expert_loop(list(self.experts)[:num_mlp], hidden_states, mlp_indices, mlp_weights, num_mlp,
                               usable_layout(self))
     routed = routed + hidden_states * zero_expert_weight
     return routed.type(hidden_states.dtype).view(*orig_shape)
