@@ -209,6 +209,39 @@ def test_longcat_experts_get_the_grouped_layout(experts):
     assert model.state_dict().keys() == reference.state_dict().keys()
 
 
+def test_longcat_qlora_experts_get_the_4bit_layout(tmp_path):
+    """QLoRA on LongCat-Flash (bitsandbytes NF4 experts, the router and lm_head left in bf16 as transformers cannot
+    run a 4-bit router): the 4-bit layout and the stacked adapters cover the MLP experts; equal to the untouched
+    4-bit PEFT model, with tokens routed to zero experts."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tf.AutoModelForCausalLM.from_config(tf.LongcatFlashConfig(
+        vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
+        expert_ffn_hidden_size=128, n_routed_experts=4, zero_expert_num=ZERO_EXPERTS, moe_topk=2, head_dim=8, **MLA,
+        routed_scaling_factor=2.0, initializer_range=0.2, max_position_embeddings=64))  # 4-bit blocks: sizes of 64
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                  llm_int8_skip_modules=["classifier", "lm_head"])
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16).train()
+    assert type(moe_blocks(model)[0].experts[0].gate_proj).__name__ == "Linear4bit"
+    with torch.random.fork_rng():
+        assert zero_expert_slots(model, torch.randint(0, VOCAB, (2, 7))) > 0
+    model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False,
+                                             target_modules=["gate_proj", "up_proj", "down_proj"]))
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    ref_logits, ref_grads = loss_and_grads(reference, ids)
+    logits, grads_ = loss_and_grads(model, ids)
+    assert {b.weights for b in model._graph_moe_install_report.blocks} == {
+        "grouped layout; LoRA stacked (3 projection x adapter)"}
+    assert counters["graph_moe"]["loops_traced_once"] >= 1 and counters["graph_moe"]["weight_stacks_per_forward"] == 0
+    assert counters["graph_moe"]["loops_skipped"] == 0
+    assert_close_bf16(logits, ref_logits, "logits")
+    assert grads_.keys() == ref_grads.keys()
+    assert_grads_close(grads_, ref_grads)
+
+
 def test_glm4v_moe_text_model_rewritten_and_equal():
     """check_model_rewritten, with the attention mask GLM4V needs."""
     model = build("glm4v_moe")
