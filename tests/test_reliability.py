@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -727,6 +727,22 @@ def test_weights_changed_after_compiling():
 # property-based
 
 
+def _relu_ties(module, x, cfg) -> bool:
+    """Whether a ReLU input lands on the other side of 0 (or on it) when the projection's bias is added after the
+    GEMM, as the grouped graph adds it (torch._grouped_mm takes no bias), rather than inside it (eager's addmm): one
+    rounding more in bf16 can turn 1.8e-4 into 0.0, and ReLU's gradient then drops a whole row of the weight's
+    gradient. Both results are right; such draws are skipped."""
+    if not cfg["bias"] or cfg["act"] != "relu":
+        return False
+    rows = x.reshape(-1, x.shape[-1])
+    for expert in module.experts:
+        linear = expert.gate_proj if cfg["gated"] else expert.up_proj
+        inside, after = F.linear(rows, linear.weight, linear.bias), F.linear(rows, linear.weight) + linear.bias
+        if ((inside > 0) != (after > 0)).any():
+            return True
+    return False
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_blocks_match_eager_or_are_reported(data):
@@ -746,6 +762,7 @@ def test_random_blocks_match_eager_or_are_reported(data):
     torch.manual_seed(seed)
     module = RangeMoE(**cfg).to(dtype)
     x = torch.randn(1, tokens, cfg["hidden"], dtype=dtype)
+    assume(not _relu_ties(module, x, cfg))
     rec = Recorder()
     compiled = torch.compile(module, backend=rec.backend)
     x_ref, x_c = x.clone().requires_grad_(), x.clone().requires_grad_()
