@@ -13,14 +13,18 @@ LoRA; gradients compared are the trainable parameters'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import time
+from unittest import mock
 
 import torch
 
 import graph_moe
+from graph_moe import layout_check
+from graph_moe.layout import _TENSOR_GUARD_SHORTCUTS
 from graph_moe.model_zoo import make_config
 from graph_moe.stacked_adapters import split_stacked
 
@@ -76,7 +80,12 @@ def main():
     p.add_argument("--bf16-adapters", action="store_true",
                    help="LoRA adapters in the model's bf16 (PEFT's default keeps them in float32)")
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
-                   choices=["backend", "backend_shared", "graph_moe"])
+                   choices=["backend", "backend_shared", "graph_moe", "graph_moe_dynamo_guards",
+                            "graph_moe_torch_shortcuts"],
+                   help="graph_moe_dynamo_guards: graph_moe.compile with the layout's per-expert facts guarded by "
+                        "Dynamo instead of checked in plain Python (graph_moe/layout_check.py); "
+                        "graph_moe_torch_shortcuts: that, with torch's own guard shortcuts left as they are (the code "
+                        "before session 18: on torch 2.10-2.11 it misses an expert weight unfrozen after compiling)")
     p.add_argument("--profile", help="write a torch.profiler table of two steps per variant into this folder")
     p.add_argument("--json")
     args = p.parse_args()
@@ -91,18 +100,27 @@ def main():
                "tokens": args.tokens, "experts": args.experts,
                "adapters": "bf16" if args.bf16_adapters else "float32", "eager_loss": reference_loss.item(), "runs": []}
     del eager
+    shortcuts = {name: getattr(torch._dynamo.config, name) for name in _TENSOR_GUARD_SHORTCUTS
+                 if hasattr(torch._dynamo.config, name)}
     for variant in args.variants:
         torch._dynamo.reset()
         graph_moe.report.reset_counters()
+        for name, value in shortcuts.items():
+            setattr(torch._dynamo.config, name, value)  # each variant starts from torch's defaults
+        patches = contextlib.ExitStack()  # patches applied now, undone after the variant
+        if variant in ("graph_moe_dynamo_guards", "graph_moe_torch_shortcuts"):
+            patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: None))
+        if variant == "graph_moe_torch_shortcuts":
+            patches.enter_context(mock.patch("graph_moe.install.keep_tensor_guards", lambda: None))
         model = copy.deepcopy(base)
-        if variant == "graph_moe":
+        if variant.startswith("graph_moe"):
             graph_moe.compile(model)
             call = model
         else:
             graph_moe.install(model, shared_block_trace=variant == "backend_shared")
             call = torch.compile(model, backend=graph_moe.backend)
         start = time.perf_counter()
-        with graph_moe.capture_settings():
+        with graph_moe.capture_settings(), patches:
             loss = step(call, ids)
             first = time.perf_counter() - start
             got = grads(model)

@@ -18,10 +18,12 @@ import logging
 import torch
 from torch import nn
 
+from graph_moe import layout_check
 from graph_moe.backend import make_backend
 from graph_moe.families import common
-from graph_moe.passes import TraceEveryExpert
 from graph_moe.install import InstallReport, install
+from graph_moe.layout import layout_of
+from graph_moe.passes import TraceEveryExpert
 
 log = logging.getLogger("graph_moe")
 
@@ -57,12 +59,14 @@ class TraceOnce:
 
 
 class _WithCaptureSettings:
-    """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call.
+    """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call, and
+    checks the grouped layouts of the MoE blocks in `region` in plain Python before it (layout_check.py).
     trace_once: a TraceOnce, for callables compiled with graph_moe's backend (whose pass rewrites loops traced once)."""
 
-    def __init__(self, compiled, extra=None, trace_once: TraceOnce | None = None):
+    def __init__(self, compiled, region: nn.Module, extra=None, trace_once: TraceOnce | None = None):
         self.compiled, self.settings = compiled, {**CAPTURE_SETTINGS, **(extra or {})}
         self.trace_once = trace_once or TraceOnce(False)
+        self.region, self.laid_out = region, None
 
     def __call__(self, *args, **kwargs):
         # Set and restored by hand, on every layer call: torch._dynamo.config.patch took 22-31 us per call on a 2-core
@@ -76,6 +80,11 @@ class _WithCaptureSettings:
         once = self.trace_once.enabled and not outer
         saved_once, common.TRACE_EXPERTS_ONCE = common.TRACE_EXPERTS_ONCE, once
         saved_region, common.IN_GRAPH_MOE_REGION = common.IN_GRAPH_MOE_REGION, not outer
+        if self.laid_out is None:  # found at the first call: graph_moe.install runs before it
+            self.laid_out = [m for m in self.region.modules() if layout_of(m) is not None]
+        blocks = () if outer else self.laid_out
+        for block in blocks:
+            layout_check.verify(block)
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -86,6 +95,8 @@ class _WithCaptureSettings:
             self.trace_once.enabled = common.TRACE_EXPERTS_ONCE = False
             return self.compiled(*args, **kwargs)
         finally:
+            for block in blocks:
+                layout_check.clear(block)
             common.TRACE_EXPERTS_ONCE, common.IN_GRAPH_MOE_REGION = saved_once, saved_region
             for name, value in saved:
                 setattr(config, name, value)
@@ -128,7 +139,7 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, trace_once
         if keep_compiled and isinstance(region.__dict__.get("_compiled_call_impl"), _WithCaptureSettings):
             continue
         region._compiled_call_impl = _WithCaptureSettings(
-            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs),
+            torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs), region,
             DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None, once)
         compiled += 1
     return compiled

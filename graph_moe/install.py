@@ -17,7 +17,7 @@ from torch import nn
 
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
-from graph_moe.layout import attach_adapters, lay_out, remove_layout, usable_layout
+from graph_moe.layout import attach_adapters, keep_tensor_guards, lay_out, layout_of, remove_layout, usable_layout
 from graph_moe.shared_trace import shared, traceable
 from graph_moe.stacked_adapters import stack_adapters, stacked_pairs, unstack_adapters
 from graph_moe.stacked_experts import is_stacked
@@ -151,6 +151,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         log.warning("graph_moe: the LoRA adapters of the experts in %d block(s) are now one parameter per projection "
                     "and adapter (graph_moe/stacked_adapters.py): create the optimizer after graph_moe.install",
                     newly_stacked)
+    if any(layout_of(module) is not None for module in model.modules()):
+        keep_tensor_guards()
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
         report.num_installed,

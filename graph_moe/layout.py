@@ -8,11 +8,12 @@ them, so `state_dict()`, in-place updates, `load_state_dict` and PEFT merges rea
 memory. The traceable forward then computes expert e from `gate_up[e]` and `down[e]`, and the pass
 hands `gate_up` and `down` to torch._grouped_mm as they are.
 
-The layout is used only while it is provably current. `usable_layout` is traced by Dynamo, which
-guards each fact it reads: the projection modules are the ones laid out, or PEFT LoRA wrappers around
-them in plain use (unmerged, vanilla LoRA: the adapters are added as PEFT adds them), their weights do
-not require grad (checked with grad enabled only), and the layout was not invalidated (a parameter
-re-registered on a laid-out Linear, e.g. `load_state_dict(assign=True)`). `.to()`/`.cuda()`/`.half()` rebuild
+The layout is used only while it is provably current: the projection modules are the ones laid out, or
+PEFT LoRA wrappers around them in plain use (unmerged, vanilla LoRA: the adapters are added as PEFT adds
+them), their weights do not require grad (checked with grad enabled only), and the layout was not
+invalidated (a parameter re-registered on a laid-out Linear, e.g. `load_state_dict(assign=True)`).
+`usable_layout` reads these facts; traced by Dynamo, each read is a guard. graph_moe.compile checks the
+same facts in plain Python before each call instead (layout_check.py), far cheaper than 3 x E guards. `.to()`/`.cuda()`/`.half()` rebuild
 the views. Assigning a new tensor to `weight.data` by hand bypasses all of this: call `graph_moe.install(model)`
 again after it.
 When any check fails the forward falls back to calling the expert modules, which the pass groups by
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import types
 import weakref
 from typing import Callable
@@ -42,6 +44,7 @@ except ImportError:  # torch built without distributed support
     DTensor = ()
 
 _ATTR = "_graph_moe_layout"
+log = logging.getLogger("graph_moe")
 
 
 @dataclasses.dataclass(eq=False)
@@ -79,6 +82,12 @@ class ExpertLayout:
     # No projection of any expert wrapped by LoRA since the layout was built (a module registered on an expert
     # clears it): every expert's body is then the same computation on its rows of the stacks, with no check per expert.
     no_adapters: bool = False
+    # Set for one call of a graph_moe.compile region by layout_check.verify, which checked in plain Python what
+    # `usable_layout` (verified) and `uniform` (verified_uniform) read: the traced forward reads these two flags
+    # (guarded) instead of 3 x E facts. `checked`: what verify compared, and its verdict.
+    verified: bool = False
+    verified_uniform: bool = False
+    checked: object = None
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) as (E, out, in) tensors; read once per forward, before the expert loop."""
@@ -103,6 +112,8 @@ class ExpertLayout:
         projection without LoRA, or with adapters stacked by graph_moe and PEFT state equal to expert 0's."""
         if self.no_adapters:  # read by Dynamo: guarded
             return True
+        if self.verified:
+            return self.verified_uniform
         first = [self._adapter_state(experts[0], name) for name in self.names]
         return None not in first and all(self._adapter_state(expert, name) == first[i]
                                           for expert in experts[1:] for i, name in enumerate(self.names))
@@ -398,9 +409,33 @@ def remove_layout(block: nn.Module) -> None:
         expert.__dict__.pop(_EXPERT_OF, None)
 
 
+# Dynamo shortcuts that skip tensor guards where a dict did not change (on by default in torch 2.10 and 2.11): the
+# first skips every guard below a module whose __dict__ did not change, the second a tensor's guards while the dict
+# holding it (a module's _parameters) did not change. A weight's requires_grad_(True) changes no dict.
+_TENSOR_GUARD_SHORTCUTS = ("use_recursive_dict_tags_for_guards", "skip_tensor_guards_with_matching_dict_tags")
+
+
+def keep_tensor_guards() -> None:
+    """Turn off Dynamo's shortcuts past tensor guards, so that a laid-out expert weight made trainable after
+    compiling is seen where Dynamo checks the layout (torch.compile with graph_moe's backend; graph_moe.compile
+    checks it in plain Python, layout_check.py). Without this, torch 2.11 gave that weight no gradient."""
+    config = torch._dynamo.config
+    turned_off = [name for name in _TENSOR_GUARD_SHORTCUTS if getattr(config, name, False)]
+    for name in turned_off:
+        setattr(config, name, False)
+    if turned_off:
+        log.info("graph_moe: turned off torch._dynamo.config.%s (it would skip the guard on an expert weight's "
+                 "requires_grad)", " and .".join(turned_off))
+
+
+def layout_of(block: nn.Module) -> ExpertLayout | None:
+    """The block's layout, current or not (None when it has none)."""
+    return block.__dict__.get(_ATTR)
+
+
 def usable_layout(block: nn.Module) -> ExpertLayout | None:
-    """The block's layout if it is current, else None. Traced by Dynamo: every fact read here is guarded (C++ guards:
-    on an H200's host they cost less than the same checks run in Python before each call, which were tried twice).
+    """The block's layout if it is current, else None. Traced by Dynamo: every fact read here is guarded, unless
+    layout_check.verify checked them all just before this call (graph_moe.compile's regions), which leaves one flag.
     Written for Dynamo's tracing, which costs per bytecode and most per inlined call, 3 x E times: no helper calls
     but for LoRA wrappers, loop invariants read once. Under no_grad the weights' requires_grad is not read: nothing
     is differentiated, and the weights are views of the stacks (Dynamo wraps every weight it guards: a 128-expert
@@ -408,6 +443,8 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
     layout = getattr(block, _ATTR, None)
     if layout is None or not layout.valid:
         return None
+    if layout.verified:  # checked in plain Python just before this call (layout_check.py)
+        return layout
     names, slot = layout.names, 0
     skip_grad = layout.four_bit or not torch.is_grad_enabled()
     # zip: the gated experts only (zero experts come after them), without slicing the ModuleList (a new ModuleList,

@@ -292,11 +292,16 @@ def test_peft_set_adapter_freezes_and_unfreezes_the_stacks():
         assert all(p.requires_grad is not inference_mode for p in stacks)
 
 
-@pytest.mark.parametrize("change", ["scaling", "dropout", "adapter off"])
+@pytest.mark.parametrize("change", ["scaling", "dropout", "dropout p in place", "adapter off", "adapters disabled",
+                                    "merged"])
 def test_one_expert_changed_after_compile_is_seen(change):
-    """One expert's PEFT state (scaling, dropout, active adapters) changed alone after graph_moe.compile is seen: the
-    output equals eager."""
-    model = _lora_model(adapter_fp32=False)
+    """One expert's PEFT state (scaling, dropout, active adapters, adapters disabled, merged) changed alone after
+    graph_moe.compile, in place or by assignment, is seen: the output equals eager. (graph_moe.compile checks these
+    facts in plain Python before each call, layout_check.py: each change must reach that check.)"""
+    model = _lora_model(adapter_fp32=False, dropout=0.5 if change == "dropout p in place" else 0.0)
+    for module in model.modules():  # dropout modules that drop nothing yet (p changed in place below)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
     ids = torch.randint(0, 64, (2, 6))
@@ -310,8 +315,14 @@ def test_one_expert_changed_after_compile_is_seen(change):
             up.scaling["default"] *= 4
         elif change == "dropout":  # train mode: drops every input of that adapter
             up.lora_dropout["default"] = torch.nn.Dropout(p=1.0)
-        else:
+        elif change == "dropout p in place":
+            up.lora_dropout["default"].p = 1.0
+        elif change == "adapter off":
             up._active_adapter = []
+        elif change == "adapters disabled":
+            up.enable_adapters(False)
+        else:
+            up.merge()
 
     apply(model), apply(reference)
     with torch.no_grad():

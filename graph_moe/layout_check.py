@@ -1,0 +1,132 @@
+"""The grouped layout's per-expert facts, checked in plain Python before each call of a graph_moe.compile region.
+
+`usable_layout` and `ExpertLayout.uniform` read facts of all 3 x E expert projections: which module sits where,
+whether a frozen weight was made trainable, PEFT's adapter state (active adapters, scaling, dropout, merged ...).
+When Dynamo traces them, each read becomes a guard that runs on every call. On an H200's host (torch 2.11) that
+cost 0.2 ms per call of a 128-expert decoder layer with frozen experts and 2.0-2.3 ms with PEFT LoRA: about 100 ms
+a training step for a 48-layer model, before any GPU work.
+
+`verify` gathers the same facts with C-level passes over lists made once (`map`, list compares against copies
+made when the facts were last fully checked), then marks the layout `verified` for one call. The traced forward
+reads that one flag instead of the 3 x E facts. When a fact changed, the full check (the same `usable_layout` and
+`uniform`, run in plain Python) runs once and its verdict is kept for the new facts. Whether a frozen weight now
+requires grad is read on every call: it changes no dict, so no comparison could see it.
+
+This also keeps the layout correct where Dynamo would skip guards: torch 2.10 and 2.11 skip the guards below a
+module whose `__dict__` did not change (`use_recursive_dict_tags_for_guards`), so a weight's `requires_grad_(True)`
+went unseen there.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from itertools import repeat
+
+import torch
+from torch import nn
+
+from graph_moe.families.common import gated_experts
+from graph_moe.stacked_adapters import OWNER as ADAPTERS
+
+_MISSING = object()
+# What `_plain_lora`, `_adapter_state` and `usable_layout` read from a PEFT LoRA layer's __dict__
+# (`_modules`: base_layer, lora_A, lora_dropout ...; `scaling`: per adapter).
+_LORA_FIELDS = ("_active_adapter", "_disable_adapters", "merged_adapters", "lora_variant", "fan_in_fan_out",
+                "cast_input_dtype_enabled", "scaling", "_modules")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+class _Facts:
+    """Where a block's per-expert facts are read from, what they were when last fully checked, and the verdict."""
+
+    def __init__(self, block: nn.Module, layout):
+        experts = gated_experts(block)
+        self.experts_dict = block._modules["experts"]._modules
+        names = [name for _ in experts for name in layout.names]
+        self.module_dicts = [expert._modules for expert in experts for _ in layout.names]
+        self.names = names
+        projections = list(map(operator.getitem, self.module_dicts, names))
+        wrappers = [m for m in projections if "lora_A" in m._modules]
+        self.lora_dicts = [m.__dict__ for m in wrappers]
+        # One C-level pass reads the fields every PEFT layer has; a field some lack is read with a default, and each
+        # __dict__'s length catches a field added later
+        everywhere = [key for key in _LORA_FIELDS if all(key in d for d in self.lora_dicts)]
+        self.read_fields = operator.itemgetter(*everywhere) if everywhere else None
+        self.sometimes = [key for key in _LORA_FIELDS if key not in everywhere]
+        # PEFT's per-adapter ModuleDicts (which adapters exist, their modules) and the block's stacked adapters
+        self.adapter_dicts = [m._modules[key]._modules for m in wrappers for key in ("lora_A", "lora_dropout")
+                              if isinstance(m._modules.get(key), nn.ModuleDict)]
+        stacked = block._modules.get(ADAPTERS)
+        if stacked is not None:
+            self.adapter_dicts += [stacked._modules, *(m._modules for m in stacked._modules.values())]
+        dropouts = [d for m in wrappers if isinstance(m._modules.get("lora_dropout"), nn.ModuleDict)
+                    for d in m._modules["lora_dropout"]._modules.values()]
+        self.dropout_dicts = [d.__dict__ for d in dropouts]
+        lins = [m._modules.get("base_layer", m) if "lora_A" in m._modules else m for m in projections]
+        # The frozen weights whose requires_grad is read on every call (a stacked or 4-bit layout has none to read)
+        self.weight_dicts = [] if layout.four_bit else [lin._parameters for lin in lins
+                                                        if lin._parameters.get("weight") is not None]
+        self.values = _copy(self.read(block))
+        with torch.no_grad():  # the structural facts; requires_grad is read per call
+            from graph_moe.layout import usable_layout
+
+            self.usable = usable_layout(block) is layout
+        self.uniform = self.usable and layout.uniform(list(experts))
+
+    def read(self, block: nn.Module) -> list:
+        """The facts now, as lists (compared by value with the copies made when they were last checked)."""
+        fields = [list(map(len, self.lora_dicts)), *(list(map(dict.get, self.lora_dicts, repeat(key), repeat(_MISSING)))
+                                                     for key in self.sometimes)]
+        if self.read_fields is not None:
+            fields.append(list(map(self.read_fields, self.lora_dicts)))
+        dropout = [list(map(dict.get, self.dropout_dicts, repeat(key), repeat(_MISSING))) for key in ("p", "training")]
+        return [block._modules["experts"]._modules is self.experts_dict, list(self.experts_dict.values()),
+                list(map(operator.getitem, self.module_dicts, self.names)), fields, self.adapter_dicts, dropout]
+
+    def any_trainable_weight(self) -> bool:
+        return any(map(_REQUIRES_GRAD, map(operator.getitem, self.weight_dicts, repeat("weight"))))
+
+
+def _copy(read: list) -> list:
+    """What `_Facts.read` returned, with every container it holds copied one level (a list or dict changed in place,
+    such as PEFT's `scaling` or a ModuleDict's modules, then compares unequal); modules and other objects stay
+    themselves (compared by identity)."""
+    same_experts, experts, projections, fields, adapter_dicts, dropout = read
+    return [same_experts, experts, projections,
+            [[_copy_value(v) for v in values] for values in fields],
+            [dict(d) for d in adapter_dicts], dropout]
+
+
+def _copy_value(value):
+    if isinstance(value, tuple):  # several fields of one layer
+        return tuple(map(_copy_value, value))
+    return copy.copy(value) if isinstance(value, (list, dict)) else value
+
+
+def verify(block: nn.Module) -> None:
+    """Before one call of compiled code: mark the block's layout `verified` (and `verified_uniform`) when the facts
+    `usable_layout` and `uniform` read say it is current, checked here in plain Python. `clear` after the call."""
+    from graph_moe.layout import layout_of
+
+    layout = layout_of(block)
+    if layout is None or not layout.valid:
+        return
+    layout.verified = layout.verified_uniform = False
+    facts = layout.checked
+    try:
+        if facts is None or facts.read(block) != facts.values:
+            facts = layout.checked = _Facts(block, layout)
+        usable = facts.usable and not (torch.is_grad_enabled() and facts.any_trainable_weight())
+    except (KeyError, AttributeError, TypeError, RuntimeError):  # something removed or replaced by hand: let Dynamo see
+        layout.checked = None
+        return
+    layout.verified, layout.verified_uniform = usable, usable and facts.uniform
+
+
+def clear(block: nn.Module) -> None:
+    from graph_moe.layout import layout_of
+
+    layout = layout_of(block)
+    if layout is not None:
+        layout.verified = layout.verified_uniform = False
