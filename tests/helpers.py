@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import graph_moe
 from graph_moe import make_backend
+from graph_moe.layout import layout_of
 from graph_moe.stacked_adapters import split_stacked
 from graph_moe.stacked_experts import split_stacked_experts
 
@@ -82,6 +83,10 @@ def check_model_rewritten(model, *, blocks, loops=None, vocab=64, regional=True,
     assert_close_bf16(logits, ref_logits, "logits")
     assert grads.keys() == ref_grads.keys()
     assert_grads_close(grads, ref_grads)
+    if regional:  # graph_moe.compile read each laid-out block's facts in plain Python (graph_moe/layout_check.py)
+        for module in model.modules():
+            layout = layout_of(module)
+            assert layout is None or layout.checked is not None, f"{type(module).__name__}: layout not checked"
     return keep
 
 
