@@ -3,8 +3,8 @@
 `usable_layout` and `ExpertLayout.uniform` read facts of all 3 x E expert projections: which module sits where,
 whether a frozen weight was made trainable, PEFT's adapter state (active adapters, scaling, dropout, merged ...).
 When Dynamo traces them, each read becomes a guard that runs on every call. On an H200's host (torch 2.11) that
-cost 0.2 ms per call of a 128-expert decoder layer with frozen experts and 2.0-2.3 ms with PEFT LoRA: about 100 ms
-a training step for a 48-layer model, before any GPU work.
+cost 1.1 ms per call of a 128-expert decoder layer with frozen experts and 4.1 ms with PEFT LoRA: 50-200 ms a
+training step for a 48-layer model, before any GPU work (benchmarks/guard_cost.py).
 
 `verify` gathers the same facts with C-level passes over lists made once (`map`, list compares against copies
 made when the facts were last fully checked), then marks the layout `verified` for one call. The traced forward
@@ -12,9 +12,9 @@ reads that one flag instead of the 3 x E facts. When a fact changed, the full ch
 `uniform`, run in plain Python) runs once and its verdict is kept for the new facts. Whether a frozen weight now
 requires grad is read on every call: it changes no dict, so no comparison could see it.
 
-This also keeps the layout correct where Dynamo would skip guards: torch 2.10 and 2.11 skip the guards below a
-module whose `__dict__` did not change (`use_recursive_dict_tags_for_guards`), so a weight's `requires_grad_(True)`
-went unseen there.
+This also keeps the layout correct whatever Dynamo's guards skip: by default torch 2.10 and 2.11 skip a tensor's
+guards while the dicts holding it are unchanged, and a weight's `requires_grad_(True)` changes no dict
+(`layout.keep_tensor_guards` turns those shortcuts off for the layouts Dynamo checks).
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def verify(block: nn.Module) -> None:
 
 
 def clear(block: nn.Module) -> None:
+    """After the call: the verdict holds for that call only (eager calls and other compiled code check again)."""
     from graph_moe.layout import layout_of
 
     layout = layout_of(block)
