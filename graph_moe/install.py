@@ -18,7 +18,7 @@ from torch import nn
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import attach_adapters, keep_tensor_guards, lay_out, layout_of, remove_layout, usable_layout
-from graph_moe.shared_trace import shared, traceable
+from graph_moe.shared_trace import can_share, shared, traceable
 from graph_moe.stacked_adapters import stack_adapters, stacked_pairs, unstack_adapters
 from graph_moe.stacked_experts import is_stacked
 
@@ -101,7 +101,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         (graph_moe/shared_trace.py). `graph_moe.compile` needs it not. Each install sets it as asked.
     """
     report = InstallReport()
-    newly_stacked = experts_stacked = 0
+    newly_stacked = experts_stacked = unshared = 0
     wrapped_by = {m.base_layer: m for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
     for path, block in model.named_modules():
         if not is_moe_candidate(block) or (filter_fn is not None and not filter_fn(path, block)):
@@ -126,7 +126,9 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         else:
             setattr(block, _MARK, family.form)
         if entry.status.endswith("installed"):  # newly or already: the forward as asked now
-            wanted = shared(family.forward) if shared_block_trace else family.forward
+            share = shared_block_trace and can_share(block)
+            unshared += shared_block_trace and not share
+            wanted = shared(family.forward) if share else family.forward
             if getattr(block.__dict__.get("forward"), "__func__", None) is not wanted:
                 block.forward = types.MethodType(wanted, block)
         if _is_ours(block):
@@ -151,6 +153,9 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
         log.warning("graph_moe: the LoRA adapters of the experts in %d block(s) are now one parameter per projection "
                     "and adapter (graph_moe/stacked_adapters.py): create the optimizer after graph_moe.install",
                     newly_stacked)
+    if unshared:
+        log.warning("graph_moe: shared_block_trace left out %d block(s) with 4-bit experts: this torch's Dynamo (before "
+                    "2.13) fails on their shared trace; they are traced layer by layer", unshared)
     if any(layout_of(module) is not None for module in model.modules()):
         keep_tensor_guards()
     log.info(

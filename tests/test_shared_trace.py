@@ -2,12 +2,14 @@
 (torch.compiler.nested_compile_region), and equals eager in outputs and gradients over new sequence lengths."""
 
 import copy
+import logging
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import graph_moe
+from graph_moe import shared_trace
 from helpers import Keep, assert_close_bf16, assert_grads_close, split_stacked
 from tiny_models import build
 
@@ -69,9 +71,8 @@ def test_graph_moe_compile_regions_call_the_plain_forward():
     assert "graph_moe_forward" not in vars(model.model.layers[0].mlp.forward.__func__)
 
 
-def test_4bit_experts_with_lora_share_the_trace(tmp_path):
-    """QLoRA (bitsandbytes NF4 experts + LoRA), compiled whole: with the shared trace, the loss and LoRA gradients of
-    the plain whole-model compile (and eager's loss), with fewer loops traced."""
+def _qlora_factory(tmp_path):
+    """A function making QLoRA models (bitsandbytes NF4 experts + LoRA) of one saved Qwen3-MoE."""
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
@@ -87,7 +88,14 @@ def test_4bit_experts_with_lora_share_the_trace(tmp_path):
         torch.manual_seed(0)
         return get_peft_model(model.train(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                         target_modules=["gate_proj", "up_proj", "down_proj"]))
+    return qlora
 
+
+@pytest.mark.skipif(not shared_trace.TAKES_4BIT, reason="this torch's Dynamo fails on a shared trace of 4-bit experts")
+def test_4bit_experts_with_lora_share_the_trace(tmp_path):
+    """QLoRA (bitsandbytes NF4 experts + LoRA), compiled whole: with the shared trace, the loss and LoRA gradients of
+    the plain whole-model compile (and eager's loss), with fewer loops traced."""
+    qlora = _qlora_factory(tmp_path)
     reference, runs = qlora(), {}
     for shared in (True, False):
         torch._dynamo.reset()  # PEFT's forward is one code object for both models: no compiled code shared
@@ -133,3 +141,23 @@ def test_a_whole_model_graph_says_how_to_compile_faster(caplog):
             compiled(input_ids=ids, use_cache=False)
         said = "shared_block_trace=True" in caplog.text
         assert said == (way == "backend"), way
+
+
+def test_4bit_experts_left_out_of_the_shared_trace_where_dynamo_fails(tmp_path, monkeypatch, caplog):
+    """Under a torch whose Dynamo fails on the shared trace of 4-bit experts (torch 2.11: "KeyError: example_value"),
+    install leaves those blocks' forward plain, says so, and the model compiled whole equals eager."""
+    monkeypatch.setattr(shared_trace, "TAKES_4BIT", False)
+    qlora = _qlora_factory(tmp_path)
+    model, reference = qlora(), qlora()
+    with caplog.at_level(logging.WARNING, logger="graph_moe"):
+        graph_moe.install(model, shared_block_trace=True)
+    assert "shared_block_trace left out 4 block(s) with 4-bit experts" in caplog.text
+    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+    assert blocks and all("graph_moe_forward" not in vars(b.forward.__func__) for b in blocks)
+    keep = Keep()
+    compiled = torch.compile(model, backend=graph_moe.make_backend(keep))
+    ids = torch.randint(0, 64, (2, 6))
+    with graph_moe.capture_settings():
+        loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    assert_close_bf16(loss, reference(input_ids=ids, labels=ids, use_cache=False).loss)
+    assert keep.count("invoke_subgraph") == 0 and counters["graph_moe"]["loops_rewritten"] == 4
