@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from graph_moe.families.common import gated_experts
+from graph_moe.layout import _base, layout_of, usable_layout
 from graph_moe.stacked_adapters import OWNER as ADAPTERS
 
 _MISSING = object()
@@ -63,14 +64,12 @@ class _Facts:
         dropouts = [d for m in wrappers if isinstance(m._modules.get("lora_dropout"), nn.ModuleDict)
                     for d in m._modules["lora_dropout"]._modules.values()]
         self.dropout_dicts = [d.__dict__ for d in dropouts]
-        lins = [m._modules.get("base_layer", m) if "lora_A" in m._modules else m for m in projections]
+        lins = list(map(_base, projections))
         # The frozen weights whose requires_grad is read on every call (a stacked or 4-bit layout has none to read)
         self.weight_dicts = [] if layout.four_bit else [lin._parameters for lin in lins
                                                         if lin._parameters.get("weight") is not None]
         self.values = _copy(self.read(block))
         with torch.no_grad():  # the structural facts; requires_grad is read per call
-            from graph_moe.layout import usable_layout
-
             self.usable = usable_layout(block) is layout
         self.uniform = self.usable and layout.uniform(list(experts))
 
@@ -107,8 +106,6 @@ def _copy_value(value):
 def verify(block: nn.Module) -> None:
     """Before one call of compiled code: mark the block's layout `verified` (and `verified_uniform`) when the facts
     `usable_layout` and `uniform` read say it is current, checked here in plain Python. `clear` after the call."""
-    from graph_moe.layout import layout_of
-
     layout = layout_of(block)
     if layout is None or not layout.valid:
         return
@@ -126,8 +123,6 @@ def verify(block: nn.Module) -> None:
 
 def clear(block: nn.Module) -> None:
     """After the call: the verdict holds for that call only (eager calls and other compiled code check again)."""
-    from graph_moe.layout import layout_of
-
     layout = layout_of(block)
     if layout is not None:
         layout.verified = layout.verified_uniform = False
