@@ -1,22 +1,23 @@
-"""Host time of Dynamo's cache lookup (guard evaluation) per call of a graph_moe.compile region, with the layout's
-per-expert facts checked in plain Python before each call (graph_moe/layout_check.py) or guarded by Dynamo.
+"""Host time of Dynamo's cache lookup (guard evaluation) per call of a graph_moe.compile region or of a model compiled
+whole, with the layout's per-expert facts checked in plain Python before each call (graph_moe/layout_check.py) or
+guarded by Dynamo.
 
-    python benchmarks/guard_cost.py --experts frozen lora --device cuda --json out.json
+    python benchmarks/guard_cost.py --experts frozen lora --ways graph_moe.compile torch.compile --json out.json
     python benchmarks/guard_cost.py --dynamo-guards ...   # the facts guarded by Dynamo (the code before session 18)
 
 A tiny Qwen3-MoE (2 layers, 128 experts, hidden 64): the guards' cost depends on the number of experts and
 adapters, not on the layer sizes. Frozen experts (attention trained) or PEFT LoRA r=4 on every expert projection;
 training steps (forward + backward), the inner compiler `eager`. Reported: the first step (compile), the profiler's
-"TorchDynamo Cache Lookup" time per region call, and the step's wall time with guard evaluation on and skipped
+"TorchDynamo Cache Lookup" time per call, and the step's wall time with guard evaluation on and skipped
 (`skip_guard_eval_unsafe`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
-from contextlib import nullcontext
 from unittest import mock
 
 import torch
@@ -26,7 +27,7 @@ from graph_moe import layout_check
 from graph_moe.model_zoo import make_config
 
 
-def measure(experts: str, num_experts: int, device: str) -> dict:
+def measure(experts: str, num_experts: int, device: str, way: str) -> dict:
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
@@ -41,11 +42,16 @@ def measure(experts: str, num_experts: int, device: str) -> dict:
     else:
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
                                                  init_lora_weights=False))
-    graph_moe.compile(model, inner="eager")
+    if way == "graph_moe.compile":
+        call = graph_moe.compile(model, inner="eager")
+    else:  # the model compiled whole, as the HF Trainer's torch_compile does
+        graph_moe.install(model)
+        call = torch.compile(model, backend=graph_moe.make_backend("eager"))
     ids = torch.randint(0, 128, (1, 64), device=device)
 
     def step():
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        with graph_moe.capture_settings():
+            call(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
     def step_ms():
         start = time.perf_counter()
@@ -64,7 +70,7 @@ def measure(experts: str, num_experts: int, device: str) -> dict:
         for _ in range(5):
             step()
     lookup = [e for e in prof.key_averages() if "Cache Lookup" in e.key]
-    result = {"experts": experts, "num_experts": num_experts, "first_step_s": first,
+    result = {"way": way, "experts": experts, "num_experts": num_experts, "first_step_s": first,
               "cache_lookup_us": lookup[0].cpu_time_total / lookup[0].count if lookup else None,
               "step_ms": sorted(step_ms() for _ in range(3))[1]}
     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
@@ -77,18 +83,24 @@ def main():
     p.add_argument("--experts", nargs="+", choices=["frozen", "lora"], default=["frozen", "lora"])
     p.add_argument("--num-experts", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ways", nargs="+", choices=["graph_moe.compile", "torch.compile"], default=["graph_moe.compile"],
+                   help="graph_moe.compile's regions, or torch.compile(model, backend=graph_moe's) on the whole model")
     p.add_argument("--dynamo-guards", action="store_true",
                    help="leave the layout's per-expert facts to Dynamo's guards (no plain-Python check)")
     p.add_argument("--json")
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
                "layout_check": not args.dynamo_guards, "runs": []}
-    for experts in args.experts:
-        torch._dynamo.reset()
-        with mock.patch.object(layout_check, "verify", lambda block: None) if args.dynamo_guards else nullcontext():
-            run = measure(experts, args.num_experts, args.device)
-        results["runs"].append(run)
-        print(json.dumps(run), flush=True)
+    for way in args.ways:
+        for experts in args.experts:
+            torch._dynamo.reset()
+            with contextlib.ExitStack() as patches:
+                if args.dynamo_guards:
+                    patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
+                    patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
+                run = measure(experts, args.num_experts, args.device, way)
+            results["runs"].append(run)
+            print(json.dumps(run), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

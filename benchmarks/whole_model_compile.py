@@ -80,10 +80,11 @@ def main():
     p.add_argument("--bf16-adapters", action="store_true",
                    help="LoRA adapters in the model's bf16 (PEFT's default keeps them in float32)")
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
-                   choices=["backend", "backend_shared", "graph_moe", "graph_moe_dynamo_guards",
-                            "graph_moe_torch_shortcuts"],
-                   help="graph_moe_dynamo_guards: graph_moe.compile with the layout's per-expert facts guarded by "
-                        "Dynamo instead of checked in plain Python (graph_moe/layout_check.py); "
+                   choices=["backend", "backend_shared", "backend_dynamo_guards", "graph_moe",
+                            "graph_moe_dynamo_guards", "graph_moe_torch_shortcuts"],
+                   help="*_dynamo_guards: the layout's per-expert facts guarded by Dynamo instead of checked in "
+                        "plain Python (graph_moe/layout_check.py; the code before session 19 for backend, before "
+                        "session 18 for graph_moe); "
                         "graph_moe_torch_shortcuts: that, with torch's own guard shortcuts left as they are (the code "
                         "before session 18: on torch 2.10-2.11 it misses an expert weight unfrozen after compiling)")
     p.add_argument("--profile", help="write a torch.profiler table of two steps per variant into this folder")
@@ -108,8 +109,9 @@ def main():
         for name, value in shortcuts.items():
             setattr(torch._dynamo.config, name, value)  # each variant starts from torch's defaults
         patches = contextlib.ExitStack()  # patches applied now, undone after the variant
-        if variant in ("graph_moe_dynamo_guards", "graph_moe_torch_shortcuts"):
-            patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: None))
+        if variant in ("backend_dynamo_guards", "graph_moe_dynamo_guards", "graph_moe_torch_shortcuts"):
+            patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
+            patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
         if variant == "graph_moe_torch_shortcuts":
             patches.enter_context(mock.patch("graph_moe.install.keep_tensor_guards", lambda: None))
         model = copy.deepcopy(base)

@@ -82,9 +82,8 @@ class _WithCaptureSettings:
         saved_region, common.IN_GRAPH_MOE_REGION = common.IN_GRAPH_MOE_REGION, not outer
         if self.laid_out is None:  # found at the first call: graph_moe.install runs before it
             self.laid_out = [m for m in self.region.modules() if layout_of(m) is not None]
-        blocks = () if outer else self.laid_out
-        for block in blocks:
-            layout_check.verify(block)
+        # Those not verified already by the model's hooks (layout_check.watch), which then clear them
+        blocks = () if outer else [block for block in self.laid_out if layout_check.verify(block)]
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:

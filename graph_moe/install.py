@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from graph_moe import layout_check
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import attach_adapters, keep_tensor_guards, lay_out, layout_of, remove_layout, usable_layout
@@ -158,6 +159,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
                     "2.13) fails on their shared trace; they are traced layer by layer", unshared)
     if any(layout_of(module) is not None for module in model.modules()):
         keep_tensor_guards()
+        layout_check.watch(model)
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
         report.num_installed,
@@ -201,6 +203,7 @@ def _wrappers(block: nn.Module, wrapped_by: dict) -> list[nn.Module]:
 def uninstall(model: nn.Module) -> int:
     """Restore the class forward on every block `install` touched; returns how many blocks were restored."""
     restored = 0
+    layout_check.unwatch(model)
     for _, block in model.named_modules():
         if _is_ours(block):
             del block.forward

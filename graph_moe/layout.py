@@ -82,11 +82,13 @@ class ExpertLayout:
     # No projection of any expert wrapped by LoRA since the layout was built (a module registered on an expert
     # clears it): every expert's body is then the same computation on its rows of the stacks, with no check per expert.
     no_adapters: bool = False
-    # Set for one call of a graph_moe.compile region by layout_check.verify, which checked in plain Python what
-    # `usable_layout` (verified) and `uniform` (verified_uniform) read: the traced forward reads these two flags
-    # (guarded) instead of 3 x E facts. `checked`: what verify compared, and its verdict.
+    # Set for one call (of a model, or of a graph_moe.compile region) by layout_check.verify, which checked in plain
+    # Python what `usable_layout` (verified) and `uniform` (verified_uniform) read: the traced forward reads these
+    # flags (guarded) instead of 3 x E facts. verified_with_grad: the check counted trainable weights (grad mode on),
+    # so it holds in either grad mode. `checked`: what verify compared, and its verdict.
     verified: bool = False
     verified_uniform: bool = False
+    verified_with_grad: bool = False
     checked: object = None
 
     def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +99,12 @@ class ExpertLayout:
             return self.gate_up.dequantize(), self.down.dequantize()
         return self.gate_up, self.down
 
-    def expert(self, e: int, x: torch.Tensor, expert: nn.Module, stacks) -> torch.Tensor:
+    def expert(self, e: int, x: torch.Tensor, experts: list[nn.Module], stacks) -> torch.Tensor:
         """Expert e's MLP, down(act(gate(x)) * up(x)): gate and up in one matmul on the layout, plus the
         LoRA adapters of PEFT-wrapped projections. Linear4bit computes in its compute dtype: cast as it does."""
+        # Uniform experts, checked just before this call (layout_check.py): PEFT's state is expert 0's in every
+        # expert, so Dynamo tracing the E bodies guards one expert's state, not E
+        expert = experts[0 if self.verified_uniform else e]
         gate_up, down = stacks
         gate_name, up_name, down_name = self.names
         gate, up = to_dtype(F.linear(to_dtype(x, gate_up.dtype), gate_up[e]), x.dtype).chunk(2, dim=-1)
@@ -114,6 +119,10 @@ class ExpertLayout:
             return True
         if self.verified:
             return self.verified_uniform
+        return self.same_adapter_states(experts)
+
+    def same_adapter_states(self, experts) -> bool:
+        """`uniform` without trusting `no_adapters`: every expert's PEFT state equal to expert 0's, checked."""
         first = [self._adapter_state(experts[0], name) for name in self.names]
         return None not in first and all(self._adapter_state(expert, name) == first[i]
                                           for expert in experts[1:] for i, name in enumerate(self.names))
@@ -417,8 +426,9 @@ _TENSOR_GUARD_SHORTCUTS = ("use_recursive_dict_tags_for_guards", "skip_tensor_gu
 
 def keep_tensor_guards() -> None:
     """Turn off Dynamo's shortcuts past tensor guards, so that a laid-out expert weight made trainable after
-    compiling is seen where Dynamo checks the layout (torch.compile with graph_moe's backend; graph_moe.compile
-    checks it in plain Python, layout_check.py). Without this, torch 2.11 gave that weight no gradient."""
+    compiling is seen where Dynamo checks the layout (where layout_check.py's plain-Python check does not run: a
+    model compiled inside another module, a block laid out after install). Without this, torch 2.11 gave that weight
+    no gradient."""
     config = torch._dynamo.config
     turned_off = [name for name in _TENSOR_GUARD_SHORTCUTS if getattr(config, name, False)]
     for name in turned_off:
@@ -435,7 +445,7 @@ def layout_of(block: nn.Module) -> ExpertLayout | None:
 
 def usable_layout(block: nn.Module) -> ExpertLayout | None:
     """The block's layout if it is current, else None. Traced by Dynamo: every fact read here is guarded, unless
-    layout_check.verify checked them all just before this call (graph_moe.compile's regions), which leaves one flag.
+    layout_check.verify checked them all just before this call (the model's or the region's call), which leaves a flag.
     Written for Dynamo's tracing, which costs per bytecode and most per inlined call, 3 x E times: no helper calls
     but for LoRA wrappers, loop invariants read once. Under no_grad the weights' requires_grad is not read: nothing
     is differentiated, and the weights are views of the stacks (Dynamo wraps every weight it guards: a 128-expert
@@ -443,8 +453,8 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
     layout = getattr(block, _ATTR, None)
     if layout is None or not layout.valid:
         return None
-    if layout.verified:  # checked in plain Python just before this call (layout_check.py)
-        return layout
+    if layout.verified and (layout.verified_with_grad or not torch.is_grad_enabled()):
+        return layout  # checked in plain Python just before this call (layout_check.py)
     names, slot = layout.names, 0
     skip_grad = layout.four_bit or not torch.is_grad_enabled()
     # zip: the gated experts only (zero experts come after them), without slicing the ModuleList (a new ModuleList,

@@ -1,4 +1,4 @@
-"""The grouped layout's per-expert facts, checked in plain Python before each call of a graph_moe.compile region.
+"""The grouped layout's per-expert facts, checked in plain Python before each call of a compiled model or region.
 
 `usable_layout` and `ExpertLayout.uniform` read facts of all 3 x E expert projections: which module sits where,
 whether a frozen weight was made trainable, PEFT's adapter state (active adapters, scaling, dropout, merged ...).
@@ -8,8 +8,10 @@ training step for a 48-layer model, before any GPU work (benchmarks/guard_cost.p
 
 `verify` gathers the same facts with C-level passes over lists made once (`map`, list compares against copies
 made when the facts were last fully checked), then marks the layout `verified` for one call. The traced forward
-reads that one flag instead of the 3 x E facts. When a fact changed, the full check (the same `usable_layout` and
-`uniform`, run in plain Python) runs once and its verdict is kept for the new facts. Whether a frozen weight now
+reads that one flag instead of the 3 x E facts. It runs in `watch`'s hooks around each call of the model given to
+graph_moe.install (`torch.compile(model)` runs them outside Dynamo), and around each call of a graph_moe.compile
+region. When a fact changed, the full check (the same `usable_layout` and `uniform`, run in plain Python) runs once
+and its verdict is kept for the new facts. Whether a frozen weight now
 requires grad is read on every call: it changes no dict, so no comparison could see it.
 
 This also keeps the layout correct whatever Dynamo's guards skip: by default torch 2.10 and 2.11 skip a tensor's
@@ -71,7 +73,8 @@ class _Facts:
         self.values = _copy(self.read(block))
         with torch.no_grad():  # the structural facts; requires_grad is read per call
             self.usable = usable_layout(block) is layout
-        self.uniform = self.usable and layout.uniform(list(experts))
+        # Checked whatever `no_adapters` says: with this verdict each traced body reads expert 0's PEFT state
+        self.uniform = self.usable and layout.same_adapter_states(list(experts))
 
     def read(self, block: nn.Module) -> list:
         """The facts now, as lists (compared by value with the copies made when they were last checked)."""
@@ -103,22 +106,25 @@ def _copy_value(value):
     return copy.copy(value) if isinstance(value, (list, dict)) else value
 
 
-def verify(block: nn.Module) -> None:
+def verify(block: nn.Module) -> bool:
     """Before one call of compiled code: mark the block's layout `verified` (and `verified_uniform`) when the facts
-    `usable_layout` and `uniform` read say it is current, checked here in plain Python. `clear` after the call."""
+    `usable_layout` and `uniform` read say it is current, checked here in plain Python. Returns whether this call set
+    the flags, and so must `clear` them after the call: False where there is nothing to check, or where an outer
+    call (the model's hooks, around a region's call) verified the block already."""
     layout = layout_of(block)
-    if layout is None or not layout.valid:
-        return
-    layout.verified = layout.verified_uniform = False
+    if layout is None or not layout.valid or layout.verified:
+        return False
     facts = layout.checked
     try:
         if facts is None or facts.read(block) != facts.values:
             facts = layout.checked = _Facts(block, layout)
-        usable = facts.usable and not (torch.is_grad_enabled() and facts.any_trainable_weight())
+        with_grad = torch.is_grad_enabled()
+        usable = facts.usable and not (with_grad and facts.any_trainable_weight())
     except (KeyError, AttributeError, TypeError, RuntimeError):  # something removed or replaced by hand: let Dynamo see
         layout.checked = None
-        return
-    layout.verified, layout.verified_uniform = usable, usable and facts.uniform
+        return False
+    layout.verified, layout.verified_uniform, layout.verified_with_grad = usable, usable and facts.uniform, with_grad
+    return True
 
 
 def clear(block: nn.Module) -> None:
@@ -126,3 +132,53 @@ def clear(block: nn.Module) -> None:
     layout = layout_of(block)
     if layout is not None:
         layout.verified = layout.verified_uniform = False
+
+
+# The laid-out blocks under a watched model, and those its current call verified (and clears)
+_BLOCKS, _VERIFIED = "_graph_moe_laid_out_blocks", "_graph_moe_verified_blocks"
+
+
+def watch(model: nn.Module) -> None:
+    """Verify the layouts of `model`'s blocks around each call of `model`, in forward hooks. `torch.compile(model)`
+    runs a module's hooks outside Dynamo and compiles its forward, so Dynamo guards one flag per block instead of its
+    3 x E facts (torch.compile with graph_moe's backend; the HF Trainer's torch_compile). Where the hooks are traced
+    (a module around `model` compiled, `model.compile()`), they do nothing and Dynamo guards the facts as before.
+    The blocks are found now (graph_moe.install calls this); a block laid out later is left to Dynamo's guards."""
+    model.__dict__[_BLOCKS] = [m for m in model.modules() if layout_of(m) is not None]
+    if _before not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_before)
+        model.register_forward_hook(_after, always_call=True)
+
+
+def unwatch(model: nn.Module) -> None:
+    for hooks, hook in ((model._forward_pre_hooks, _before), (model._forward_hooks, _after)):
+        for key in [key for key, value in hooks.items() if value is hook]:
+            del hooks[key]
+    model.__dict__.pop(_BLOCKS, None)
+
+
+def _before(model: nn.Module, args) -> None:
+    if not torch.compiler.is_compiling():  # traced by Dynamo (an outer module compiled), it does nothing
+        _verify_all(model)
+
+
+def _after(model: nn.Module, args, output) -> None:
+    if not torch.compiler.is_compiling():
+        _clear_all(model)
+
+
+# torch.compile(model) calls the hooks outside its trace, but as frames of their own, which Dynamo would compile
+# (there `is_compiling()` is true): skip the hooks' own frames, and run what they call as plain Python.
+for _hook in (_before, _after):
+    torch._dynamo.eval_frame.skip_code(_hook.__code__)
+
+
+@torch._dynamo.disable
+def _verify_all(model: nn.Module) -> None:
+    model.__dict__[_VERIFIED] = [block for block in model.__dict__.get(_BLOCKS, ()) if verify(block)]
+
+
+@torch._dynamo.disable
+def _clear_all(model: nn.Module) -> None:
+    for block in model.__dict__.pop(_VERIFIED, ()):
+        clear(block)

@@ -119,3 +119,14 @@ def assert_grads_close(grads: dict, ref_grads: dict):
 def grads(module, *inputs):
     return [p.grad.clone() if p.grad is not None else None for p in module.parameters()] + \
         [x.grad.clone() for x in inputs if x.grad is not None]
+
+
+def evaluated_guards(model) -> int:
+    """How many guards Dynamo evaluates on a call of `model`'s compiled code: the leaf guards in the guard trees of
+    every cache entry of every forward its modules' classes define (one guard per fact, however often the trace read
+    it), counted in the tree as Dynamo prints it (a dict's keys and values sit in managers of their own)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    codes = {type(m).forward.__code__ for m in model.modules() if hasattr(type(m).forward, "__code__")}
+    trees = [str(entry.guard_manager) for code in codes for entry in _debug_get_cache_entry_list(code)]
+    return sum(1 for tree in trees for line in tree.splitlines() if "+- " in line and "Manager" not in line)

@@ -294,20 +294,27 @@ def test_peft_set_adapter_freezes_and_unfreezes_the_stacks():
 
 @pytest.mark.parametrize("change", ["scaling", "dropout", "dropout p in place", "adapter off", "adapters disabled",
                                     "merged"])
-def test_one_expert_changed_after_compile_is_seen(change):
+@pytest.mark.parametrize("way", ["graph_moe.compile", "torch.compile"])
+def test_one_expert_changed_after_compile_is_seen(way, change):
     """One expert's PEFT state (scaling, dropout, active adapters, adapters disabled, merged) changed alone after
-    graph_moe.compile, in place or by assignment, is seen: the output equals eager. (graph_moe.compile checks these
-    facts in plain Python before each call, layout_check.py: each change must reach that check.)"""
+    compiling, in place or by assignment, is seen: the output equals eager. (These facts are checked in plain Python
+    before each call of a graph_moe.compile region, or of the model torch.compile compiled, layout_check.py: each
+    change must reach that check.)"""
     model = _lora_model(adapter_fp32=False, dropout=0.5 if change == "dropout p in place" else 0.0)
     for module in model.modules():  # dropout modules that drop nothing yet (p changed in place below)
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     reference = copy.deepcopy(model)
-    graph_moe.compile(model, inner="aot_eager")
+    if way == "graph_moe.compile":
+        graph_moe.compile(model, inner="aot_eager")
+        call = model
+    else:
+        graph_moe.install(model)
+        call = torch.compile(model, backend=graph_moe.make_backend("aot_eager"))
     ids = torch.randint(0, 64, (2, 6))
     model.train(), reference.train()
-    with torch.no_grad():
-        before = model(input_ids=ids, use_cache=False).logits
+    with torch.no_grad(), graph_moe.capture_settings():
+        before = call(input_ids=ids, use_cache=False).logits
 
     def apply(m):
         up = [b for b in m.modules() if type(b).__name__.endswith("SparseMoeBlock")][0].experts[3].up_proj
@@ -325,8 +332,8 @@ def test_one_expert_changed_after_compile_is_seen(change):
             up.merge()
 
     apply(model), apply(reference)
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=False).logits
+    with torch.no_grad(), graph_moe.capture_settings():
+        out = call(input_ids=ids, use_cache=False).logits
         ref = reference(input_ids=ids, use_cache=False).logits
     assert (ref - before).abs().max() > 1e-3  # the change matters
     assert_close_bf16(out, ref, change)

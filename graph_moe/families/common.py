@@ -58,13 +58,15 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     final_hidden_states = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=hidden_states.dtype, device=hidden_states.device)
     stacks = layout.stacks() if layout is not None else None
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
-    expert_modules = list(experts)  # one walk of the ModuleList, not E calls of its __getitem__ for Dynamo to trace
+    expert_modules = modules_read(experts, layout)
     once = trace_once(layout, expert_modules)
     for expert_idx in range(1 if once else num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[top_x]
-        expert = expert_modules[expert_idx]
-        expert_out = expert(current_state) if layout is None else layout.expert(expert_idx, current_state, expert, stacks)
+        if layout is None:
+            expert_out = expert_modules[expert_idx](current_state)
+        else:
+            expert_out = layout.expert(expert_idx, current_state, expert_modules, stacks)
         current_hidden_states = expert_out * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, to_dtype(current_hidden_states, hidden_states.dtype))
     if once:  # expert 0's body stands for every expert's; the pass groups it over all of them (passes/traced_once.py)
@@ -84,6 +86,13 @@ def trace_once_requested() -> bool:
     """Under Dynamo, for graph_moe's backend: a loop whose bodies are expert 0's reading row e of some stacks may be
     traced as expert 0's body alone, marked with graph_moe::every_expert_as_expert_0 (passes/traced_once.py)."""
     return TRACE_EXPERTS_ONCE and torch.compiler.is_compiling()
+
+
+def modules_read(experts: nn.ModuleList, layout) -> list[nn.Module]:
+    """The expert modules an expert loop reads: expert 0 alone where the layout was verified uniform just before this
+    call (every body then reads expert 0's PEFT state, `ExpertLayout.expert`), so Dynamo guards no per-expert key;
+    else all of them, walked once (not E calls of ModuleList.__getitem__ for Dynamo to trace)."""
+    return [experts[0]] if layout is not None and layout.verified_uniform else list(experts)
 
 
 def trace_once(layout, expert_modules) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_moe.families.common import Family, trace_once
+from graph_moe.families.common import Family, modules_read, trace_once
 from graph_moe.layout import usable_layout
 
 
@@ -28,17 +28,16 @@ def fp32_expert_loop(experts, hidden_states, topk_indices, topk_weights, num_exp
     final_hidden_states = torch.zeros_like(hidden_states, dtype=topk_weights.dtype)
     stacks = layout.stacks() if layout is not None else None
     expert_mask = F.one_hot(topk_indices, num_classes=num_experts).permute(2, 0, 1)  # (E, T, K), as transformers
-    expert_modules = list(experts)
+    expert_modules = modules_read(experts, layout)
     once = trace_once(layout, expert_modules)  # expert 0's body standing for all (passes/traced_once.py)
     for expert_idx in range(1 if once else num_experts):
         token_indices, weight_indices = torch.where(expert_mask[expert_idx])
         expert_weights = topk_weights[token_indices, weight_indices]
         expert_input = hidden_states[token_indices]
-        expert = expert_modules[expert_idx]
         if layout is None:
-            expert_output = expert(expert_input)
+            expert_output = expert_modules[expert_idx](expert_input)
         else:
-            expert_output = layout.expert(expert_idx, expert_input, expert, stacks)
+            expert_output = layout.expert(expert_idx, expert_input, expert_modules, stacks)
         # bf16 rows times fp32 weights promote to fp32, as in the class's loop (and form S's `.type(fp32).mul_`).
         final_hidden_states.index_add_(0, token_indices, expert_output * expert_weights.unsqueeze(-1))
     if once:
