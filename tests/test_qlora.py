@@ -32,13 +32,12 @@ def saved_model(tmp_path_factory):
 def _load_4bit(path, *, double_quant=False, quant_type="nf4", device="cpu"):
     config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.bfloat16,
                                    bnb_4bit_use_double_quant=double_quant)
-    if device != "cpu":
-        return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16,
-                                                       device_map={"": device}).train()
+    # device_map even for the CPU: without one, transformers puts a 4-bit model on the GPU where there is one.
     # Train mode (no dropout in this model), as a fine-tuning loop runs: in eval mode, on a CPU with AVX512-BF16,
     # bitsandbytes repacks 4-bit weights in place for its CPU kernel on the first forward (and fails when
     # in_features < block size); train mode keeps the packing its GPU kernels read, on every CPU.
-    return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16).train()
+    return tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16,
+                                                   device_map={"": device}).train()
 
 
 def _qlora(path, *, gradient_checkpointing=None, **quant):

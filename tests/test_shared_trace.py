@@ -84,7 +84,8 @@ def _qlora_factory(tmp_path):
     quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
     def qlora():
-        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16)
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map={"": "cpu"})
         torch.manual_seed(0)
         return get_peft_model(model.train(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                         target_modules=["gate_proj", "up_proj", "down_proj"]))

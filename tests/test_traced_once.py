@@ -78,7 +78,8 @@ def test_4bit_experts_traced_once_equal_bitsandbytes(tmp_path, traced):
     quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
     def qlora():
-        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16)
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map={"": "cpu"})
         torch.manual_seed(0)  # the same adapters in both
         return get_peft_model(model.train(), copy.deepcopy(LORA))
     model, reference = qlora(), qlora()
