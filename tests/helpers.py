@@ -130,3 +130,12 @@ def evaluated_guards(model) -> int:
     codes = {type(m).forward.__code__ for m in model.modules() if hasattr(type(m).forward, "__code__")}
     trees = [str(entry.guard_manager) for code in codes for entry in _debug_get_cache_entry_list(code)]
     return sum(1 for tree in trees for line in tree.splitlines() if "+- " in line and "Manager" not in line)
+
+
+def compile_by(way: str, model, inner: str = "aot_eager"):
+    """`model` compiled the two ways users do: "graph_moe.compile" (in place, per decoder layer; returns `model`) or
+    "torch.compile" (install, then the whole model with graph_moe's backend; call it under capture_settings)."""
+    if way == "graph_moe.compile":
+        return graph_moe.compile(model, inner=inner)
+    graph_moe.install(model)
+    return torch.compile(model, backend=make_backend(inner))

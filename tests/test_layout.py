@@ -10,7 +10,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import graph_moe
-from helpers import Recorder, assert_close_bf16, evaluated_guards, loss_and_grads
+from helpers import Recorder, assert_close_bf16, compile_by, evaluated_guards, loss_and_grads
 from tiny_models import build
 
 
@@ -215,12 +215,7 @@ def test_changes_after_compile_are_seen(way, change, dict_tags, monkeypatch):
         monkeypatch.setattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards", DICT_TAGS[dict_tags])
     model = _frozen()
     reference = copy.deepcopy(model)
-    if way == "graph_moe.compile":
-        graph_moe.compile(model, inner="aot_eager")
-        call = model
-    else:
-        graph_moe.install(model)
-        call = torch.compile(model, backend=graph_moe.make_backend("aot_eager"))
+    call = compile_by(way, model)
     ids = _ids()
     with graph_moe.capture_settings():
         loss_and_grads(call, ids)
@@ -290,12 +285,7 @@ def test_guards_do_not_grow_with_the_experts(way, adapters):
         if adapters == "lora":
             model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
                                                      init_lora_weights=False))
-        if way == "graph_moe.compile":
-            graph_moe.compile(model, inner="eager")
-            call = model
-        else:
-            graph_moe.install(model)
-            call = torch.compile(model, backend=graph_moe.make_backend("eager"))
+        call = compile_by(way, model, "eager")
         with graph_moe.capture_settings():
             loss_and_grads(call, _ids())
         guards[experts] = evaluated_guards(model)
@@ -307,9 +297,10 @@ def test_guards_do_not_grow_with_the_experts(way, adapters):
 
 
 def test_the_model_checks_its_layouts_around_each_call():
-    """graph_moe.install hooks the model (layout_check.watch): each call verifies its blocks' layouts in plain
-    Python before the forward and clears the verdicts after it, also when the forward raises; a deep copy checks its
-    own blocks; compiled inside another module (the hooks traced), they do nothing, with no graph break."""
+    """graph_moe.install hooks the model (layout_check.watch; uninstall unhooks it): each call verifies its blocks'
+    layouts in plain Python before the forward and clears the verdicts after it, also when the forward raises; a deep
+    copy checks its own blocks; compiled inside another module (the hooks traced), they do nothing, with no graph
+    break."""
     model = _frozen()
     reference = copy.deepcopy(model)
     graph_moe.install(model)
@@ -346,3 +337,5 @@ def test_the_model_checks_its_layouts_around_each_call():
     assert_close_bf16(out, reference(input_ids=ids).logits)
     assert counters["graph_moe"]["loops_rewritten"] == 2
     assert not any(block._graph_moe_layout.verified for block in _blocks(model))
+    graph_moe.uninstall(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import graph_moe
 from graph_moe.stacked_adapters import split_stacked
-from helpers import assert_close_bf16, assert_grads_close, assert_training_tracks_eager
+from helpers import assert_close_bf16, assert_grads_close, assert_training_tracks_eager, compile_by
 from tiny_models import build
 
 
@@ -305,12 +305,7 @@ def test_one_expert_changed_after_compile_is_seen(way, change):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     reference = copy.deepcopy(model)
-    if way == "graph_moe.compile":
-        graph_moe.compile(model, inner="aot_eager")
-        call = model
-    else:
-        graph_moe.install(model)
-        call = torch.compile(model, backend=graph_moe.make_backend("aot_eager"))
+    call = compile_by(way, model)
     ids = torch.randint(0, 64, (2, 6))
     model.train(), reference.train()
     with torch.no_grad(), graph_moe.capture_settings():
