@@ -140,9 +140,9 @@ _BLOCKS, _VERIFIED = "_graph_moe_laid_out_blocks", "_graph_moe_verified_blocks"
 
 def watch(model: nn.Module) -> None:
     """Verify the layouts of `model`'s blocks around each call of `model`, in forward hooks. `torch.compile(model)`
-    runs a module's hooks outside Dynamo and compiles its forward, so Dynamo guards one flag per block instead of its
-    3 x E facts (torch.compile with graph_moe's backend; the HF Trainer's torch_compile). Where the hooks are traced
-    (a module around `model` compiled, `model.compile()`), they do nothing and Dynamo guards the facts as before.
+    (and `model.compile()`) runs a module's hooks outside Dynamo and compiles its forward, so Dynamo guards one flag
+    per block instead of its 3 x E facts (torch.compile with graph_moe's backend; the HF Trainer's torch_compile).
+    Where the hooks are traced (a module around `model` compiled), they do nothing and Dynamo guards the facts.
     The blocks are found now (graph_moe.install calls this); a block laid out later is left to Dynamo's guards."""
     model.__dict__[_BLOCKS] = [m for m in model.modules() if layout_of(m) is not None]
     if _before not in model._forward_pre_hooks.values():
