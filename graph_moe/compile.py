@@ -22,7 +22,6 @@ from graph_moe import layout_check
 from graph_moe.backend import make_backend
 from graph_moe.families import common
 from graph_moe.install import InstallReport, install
-from graph_moe.layout import layout_of
 from graph_moe.passes import TraceEveryExpert
 
 log = logging.getLogger("graph_moe")
@@ -81,7 +80,7 @@ class _WithCaptureSettings:
         saved_once, common.TRACE_EXPERTS_ONCE = common.TRACE_EXPERTS_ONCE, once
         saved_region, common.IN_GRAPH_MOE_REGION = common.IN_GRAPH_MOE_REGION, not outer
         if self.laid_out is None:  # found at the first call: graph_moe.install runs before it
-            self.laid_out = [m for m in self.region.modules() if layout_of(m) is not None]
+            self.laid_out = layout_check.laid_out_blocks(self.region)
         # Those not verified already by the model's hooks (layout_check.watch), which then clear them
         blocks = () if outer else [block for block in self.laid_out if layout_check.verify(block)]
         try:

@@ -18,7 +18,7 @@ from torch import nn
 from graph_moe import layout_check
 from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
-from graph_moe.layout import attach_adapters, keep_tensor_guards, lay_out, layout_of, remove_layout, usable_layout
+from graph_moe.layout import attach_adapters, keep_tensor_guards, lay_out, remove_layout, usable_layout
 from graph_moe.shared_trace import can_share, shared, traceable
 from graph_moe.stacked_adapters import stack_adapters, stacked_pairs, unstack_adapters
 from graph_moe.stacked_experts import is_stacked
@@ -157,9 +157,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     if unshared:
         log.warning("graph_moe: shared_block_trace left out %d block(s) with 4-bit experts: this torch's Dynamo (before "
                     "2.13) fails on their shared trace; they are traced layer by layer", unshared)
-    if any(layout_of(module) is not None for module in model.modules()):
+    if layout_check.watch(model):  # the layouts checked around each call of the model
         keep_tensor_guards()
-        layout_check.watch(model)
     log.info(
         "graph_moe: installed %d MoE block(s), %d already installed, %d not supported",
         report.num_installed,

@@ -138,16 +138,23 @@ def clear(block: nn.Module) -> None:
 _BLOCKS, _VERIFIED = "_graph_moe_laid_out_blocks", "_graph_moe_verified_blocks"
 
 
-def watch(model: nn.Module) -> None:
+def laid_out_blocks(module: nn.Module) -> list[nn.Module]:
+    """The blocks under `module` (itself included) that have a grouped layout."""
+    return [m for m in module.modules() if layout_of(m) is not None]
+
+
+def watch(model: nn.Module) -> list[nn.Module]:
     """Verify the layouts of `model`'s blocks around each call of `model`, in forward hooks. `torch.compile(model)`
     (and `model.compile()`) runs a module's hooks outside Dynamo and compiles its forward, so Dynamo guards one flag
     per block instead of its 3 x E facts (torch.compile with graph_moe's backend; the HF Trainer's torch_compile).
     Where the hooks are traced (a module around `model` compiled), they do nothing and Dynamo guards the facts.
-    The blocks are found now (graph_moe.install calls this); a block laid out later is left to Dynamo's guards."""
-    model.__dict__[_BLOCKS] = [m for m in model.modules() if layout_of(m) is not None]
-    if _before not in model._forward_pre_hooks.values():
+    The blocks are found now (graph_moe.install calls this); a block laid out later is left to Dynamo's guards.
+    Returns them (no hooks where there are none)."""
+    blocks = model.__dict__[_BLOCKS] = laid_out_blocks(model)
+    if blocks and _before not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_before)
         model.register_forward_hook(_after, always_call=True)
+    return blocks
 
 
 def unwatch(model: nn.Module) -> None:
