@@ -71,15 +71,15 @@ def _warn_if_ddp_splits(reports) -> None:
 
 
 def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
-                 fuse_projections: bool = True, router_topk: bool = False, low_memory_4bit: bool = False,
+                 fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = False,
                  on_reports: Callable[[list[LoopReport]], Any] | None = None):
     """Build a graph_moe backend.
 
     inner: "inductor" (default), "aot_eager", "eager", or any backend callable, run on the rewritten graph.
     mode/options: Inductor's `torch.compile(mode=..., options=...)`; those given to torch.compile win.
     fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
-    router_topk: on CUDA, the router's top-k of a softmax as k arg-max steps fused into one kernel
-        (passes/router_topk.py): faster at many tokens, but that kernel takes Inductor ~10 s to compile.
+    router_topk: on CUDA, the router's top-k of a softmax as one Triton kernel of k arg-max steps
+        (passes/router_topk.py) instead of ATen's top-k; the experts chosen are the same, ties included.
     low_memory_4bit: bitsandbytes 4-bit (QLoRA) experts dequantized a few at a time inside their grouped GEMMs
         (passes/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's, for more host time
         per call (on CUDA with Triton; elsewhere no change).

@@ -192,7 +192,7 @@ def own_code(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=False, low_memory_4bit=False):
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=True, low_memory_4bit=False):
     import copy
 
     import graph_moe
@@ -240,7 +240,7 @@ def unsloth_block(block):
 
 
 def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=False, mode=None,
-        unsloth=False, only=None, autotune=False, router_topk=False, on_results=None) -> list[dict]:
+        unsloth=False, only=None, autotune=False, torch_topk=False, on_results=None) -> list[dict]:
     """Every variant's numbers, one row per shape and token count after a row for the card. `on_results` is
     called with the rows so far after each token count (the CLI writes its JSON then: a run stopped early keeps
     what it measured)."""
@@ -263,8 +263,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         variants["graph_moe"] = graph_moe_block(block, mode)
         if autotune:  # Inductor's Triton GEMM templates (torch._grouped_mm's included) against ATen's, benchmarked
             variants["graph_moe_autotune"] = graph_moe_block(block, "max-autotune-no-cudagraphs")
-        if router_topk:  # the router's top-k as fused arg-max steps (passes/router_topk.py)
-            variants["graph_moe_router_topk"] = graph_moe_block(block, mode, router_topk=True)
+        if torch_topk:  # ATen's top-k for the router, not graph_moe's kernel (passes/router_topk.py)
+            variants["graph_moe_torch_topk"] = graph_moe_block(block, mode, router_topk=False)
         if stacked:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
@@ -424,8 +424,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")
     p.add_argument("--autotune", action="store_true",
                    help="also graph_moe with mode='max-autotune-no-cudagraphs' (Triton GEMM templates; slow compile)")
-    p.add_argument("--router-topk", action="store_true",
-                   help="also graph_moe with router_topk=True (the router's top-k fused; ~10 s more compile)")
+    p.add_argument("--torch-topk", action="store_true",
+                   help="also graph_moe with router_topk=False (ATen's top-k for the router, not graph_moe's kernel)")
     p.add_argument("--json", default="bench_results.json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
 
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
                   qlora=args.qlora, mode=args.mode, unsloth=args.unsloth, only=args.only, autotune=args.autotune,
-                  router_topk=args.router_topk, on_results=write)
+                  torch_topk=args.torch_topk, on_results=write)
     write(results)
     diffs = {}
     for row in results[1:]:

@@ -77,9 +77,9 @@ def _prove(cand: LoopCandidate) -> ProvenLoop:
 
 
 def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
-                      router_topk: bool = False, low_memory_4bit: bool = False) -> list[LoopReport]:
+                      router_topk: bool = True, low_memory_4bit: bool = False) -> list[LoopReport]:
     """Rewrite every provable expert loop of `gm` in place; one report per loop found. `router_topk`: the
-    router's top-k as fused arg-max steps too, on CUDA (router_topk.py). `low_memory_4bit`: 4-bit expert stacks
+    router's top-k as one Triton kernel too, on CUDA (router_topk.py). `low_memory_4bit`: 4-bit expert stacks
     dequantized a few experts at a time (grouped_mm_4bit.py)."""
     reports = []
     # The loop may sit in a higher-order op's body (a checkpointed decoder layer, as transformers 5 traces it:

@@ -198,7 +198,7 @@ def _projection_name(weight: fx.Node) -> str:
 _NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules", "parameters"}
 
 
-def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = False,
+def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = True,
          low_memory_4bit: bool = False) -> list[tuple[str, bool]]:
     """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate

@@ -1,7 +1,7 @@
-"""The router's top-k as k arg-max steps (passes/router_topk.py): equal to torch.topk on fresh random scores, eager
-and under Inductor, forward and gradient; ties to the lowest index; replaced in a rewritten model when asked
-(router_topk=True) and only on the devices whose torch.topk breaks ties that way (CUDA, checked on the GPU), and then
-the model still matches eager."""
+"""The router's top-k (passes/router_topk.py): equal to torch.topk on fresh random scores, eager and under Inductor,
+forward and gradient; ties to the lowest index; on CUDA its Triton kernel chooses as ATen's CUDA top-k does (checked
+on the GPU); replaced in a rewritten model by default, only on the devices whose torch.topk breaks ties that way, and
+then the model still matches eager."""
 
 from __future__ import annotations
 
@@ -57,14 +57,55 @@ def test_router_topk_ties_go_to_lowest_index(compiled):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ATen's CUDA top-k is what the rule must match")
-def test_cuda_topk_picks_the_same_experts():
-    """The rewrite's premise: on CUDA, torch.topk chooses the same k experts as router_topk, ties included, at the
-    Qwen3-30B-A3B router's shape (and its values, in the same order)."""
-    scores = _scores(4096, 128, ties=True, device="cuda")
-    values, indices = torch.compile(lambda s: router_topk(s, 8), backend="inductor")(scores)
-    ref_values, ref_indices = torch.topk(scores, 8)
-    assert torch.equal(values, ref_values)
-    assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_cuda_topk_picks_the_same_experts(compiled):
+    """The rewrite's premise: on CUDA, torch.topk chooses the same k experts as router_topk (its Triton kernel), ties
+    included, in the same order with the same values: at the Qwen3-30B-A3B router's shape and at odd ones (experts not
+    a power of two, bf16 scores, leading dims, strided rows, one row, no rows), and under Inductor over two lengths."""
+    from graph_moe.passes.router_topk import triton
+    assert triton is not None, "the GPU machine has Triton: the kernel must be what runs here"
+    fn = torch.compile(lambda s, k: router_topk(s, k), backend="inductor", dynamic=True) if compiled else router_topk
+    for tokens, experts, k, dtype in [(4096, 128, 8, torch.float32), (4097, 128, 8, torch.float32),
+                                      (333, 60, 4, torch.float32), (257, 64, 6, torch.bfloat16),
+                                      (65, 8, 2, torch.float32), (1, 256, 8, torch.float32),
+                                      (300, 1000, 16, torch.float32)]:
+        for ties in (False, True):
+            scores = _scores(tokens, experts, ties=ties, device="cuda").to(dtype)
+            values, indices = fn(scores, k)
+            ref_values, ref_indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+            assert torch.equal(indices, ref_indices[:, :k]), (tokens, experts, k, dtype, ties)
+            assert torch.equal(values, ref_values[:, :k])
+            top_values, top_indices = torch.topk(scores, k)
+            assert torch.equal(values, top_values)
+            assert torch.equal(indices.sort(-1).values, top_indices.sort(-1).values)
+    if compiled:
+        return
+    batched = _scores(3 * 40, 128, ties=True, device="cuda").view(3, 40, 128)
+    strided = _scores(50, 256, device="cuda")[:, ::2]
+    for scores in (batched, strided, _scores(0, 128, device="cuda")):
+        values, indices = router_topk(scores, 8)
+        ref_values, ref_indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+        assert torch.equal(indices, ref_indices[..., :8]) and torch.equal(values, ref_values[..., :8])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+def test_cuda_topk_gradient_and_nan():
+    """The kernel's values carry topk's gradient; a NaN score ranks first, as in torch.topk, and never yields an
+    index outside the row."""
+    scores = _scores(700, 128, device="cuda").requires_grad_()
+    reference = scores.detach().clone().requires_grad_()
+    values, indices = router_topk(scores, 8)
+    ref_values, _ = torch.topk(reference, 8)
+    grad = torch.randn_like(values)
+    values.backward(grad)
+    ref_values.backward(grad)
+    assert torch.equal(scores.grad, reference.grad)
+    nan = _scores(16, 128, device="cuda")
+    nan[3, 77] = float("nan")
+    values, indices = router_topk(nan, 8)
+    assert indices.min() >= 0 and indices.max() < 128
+    assert indices[3, 0] == 77 and values[3, 0].isnan()
+    assert torch.equal(indices[4:], torch.topk(nan[4:], 8).indices)
 
 
 def _router_ties(model, ids, k) -> bool:
@@ -90,7 +131,7 @@ def test_rewritten_model_uses_router_topk(monkeypatch):
     reference.load_state_dict(model.state_dict())
     keep = Keep()
     counters.clear()
-    graph_moe.compile(model, inner=keep, router_topk=True)
+    graph_moe.compile(model, inner=keep)  # router_topk is on by default
     for _ in range(50):
         ids = torch.randint(0, 64, (2, 9))
         if not _router_ties(reference, ids, 2):
@@ -104,15 +145,15 @@ def test_rewritten_model_uses_router_topk(monkeypatch):
     assert_grads_close(grads, ref_grads)
 
 
-@pytest.mark.parametrize("on_cpu", [False, True], ids=["not-asked", "device-not-listed"])
+@pytest.mark.parametrize("on_cpu", [False, True], ids=["turned-off", "device-not-listed"])
 def test_torch_topk_stays(on_cpu, monkeypatch):
-    """Without router_topk=True (the default: its kernel adds ~10 s of compile), or on the CPU (not in DEVICES: its
-    tie rule is not router_topk's), the rewritten model keeps torch.topk."""
+    """With router_topk=False, or on the CPU by default (not in DEVICES: its tie rule is not router_topk's), the
+    rewritten model keeps torch.topk."""
     if not on_cpu:
         monkeypatch.setattr(router_topk_module, "DEVICES", {"cuda", "cpu"})
     model = build("qwen3_moe", layers=1, experts=8, top_k=2)
     keep = Keep()
-    graph_moe.compile(model, inner=keep, router_topk=on_cpu)
+    graph_moe.compile(model, inner=keep, **({} if on_cpu else {"router_topk": False}))
     model(input_ids=torch.randint(0, 64, (2, 5)), use_cache=False)
     assert keep.count("topk") == 1
     assert not any(n.target is torch.ops.graph_moe.router_topk for g in keep.graphs for n in g.graph.nodes)

@@ -110,7 +110,7 @@ def test_apply_passes_the_rewrite_settings_on(monkeypatch):
                                         low_memory_4bit=True)
         current = torch._inductor.config.pre_grad_custom_pass
         assert isinstance(current, GraphMoePass)
-        assert current.settings == {"fuse_projections": True, "router_topk": False, "low_memory_4bit": True}
+        assert current.settings == {"fuse_projections": True, "router_topk": True, "low_memory_4bit": True}
     assert len(made) == 1 and made[0]["low_memory_4bit"] is True
     with torch.no_grad():
         model(torch.randint(0, 64, (2, 7)), use_cache=False)
