@@ -18,6 +18,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger("graph_moe")
 
@@ -192,23 +193,34 @@ def own_code(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=True, low_memory_4bit=False):
+def first_output_module(block) -> nn.Module:
+    """`block` inside a module whose forward returns the block's first output, with a code object of its own
+    (own_code). The router logits are dropped inside the compiled region, as a decoder layer drops them: returned
+    from it, their unused gradient would be a zero-filled (tokens x experts) buffer the backward's prologue makes on
+    every step (60-80 us of host time at 4096 tokens on an H200 host), which no model pays."""
+    def forward(self, hidden):
+        return self.block(hidden)[0]
+
+    wrapper = type("FirstOutput", (nn.Module,), {"forward": own_code(forward)})()
+    wrapper.block = block
+    return wrapper
+
+
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=True, low_memory_4bit=False,
+                    inner="inductor"):
+    """A copy of `block` compiled as a model is (`torch.compile(model, backend=graph_moe.make_backend(...))`): the
+    module compiled is the one given to graph_moe.install, so its layout checks run in plain Python around each call
+    (layout_check.watch), not as Dynamo guards."""
     import copy
 
     import graph_moe
 
     ours = copy.deepcopy(block)
-    report = graph_moe.install(ours, layout=layout, stack_lora=stack_lora)
+    model = first_output_module(ours)
+    report = graph_moe.install(model, layout=layout, stack_lora=stack_lora)
     log.info("graph_moe.install: %s", "; ".join(sorted({b.weights for b in report.blocks})))
-
-    # The block's second output (router logits) is dropped inside the compiled region, as a decoder layer drops it:
-    # returned from it, its unused gradient would be a zero-filled (tokens x experts) buffer the backward's prologue
-    # makes on every step (60-80 us of host time at 4096 tokens on an H200 host), which no model pays.
-    def first_output(hidden):
-        return ours(hidden)[0]
-
-    backend = graph_moe.make_backend("inductor", mode=mode, router_topk=router_topk, low_memory_4bit=low_memory_4bit)
-    compiled = torch.compile(own_code(first_output), backend=backend)
+    backend = graph_moe.make_backend(inner, mode=mode, router_topk=router_topk, low_memory_4bit=low_memory_4bit)
+    compiled = torch.compile(model, backend=backend)
 
     def forward(hidden):
         if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each call is a new step (outputs reused)
@@ -216,7 +228,7 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
         with graph_moe.capture_settings():
             return compiled(hidden)
 
-    forward.module = ours
+    forward.module, forward.model = ours, model
     return forward
 
 
