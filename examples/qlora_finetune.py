@@ -3,9 +3,9 @@
 The model is built from a Qwen3-MoE config with random weights, saved, and loaded back with bitsandbytes'
 `BitsAndBytesConfig(load_in_4bit=True)` (the path a user takes with a hub checkpoint). graph_moe stacks each
 projection's packed 4-bit weights once (every expert's weight becomes a view: no bf16 copy is kept), dequantizes
-all experts of a projection with one call per forward, and runs the base and the adapters as grouped GEMMs. With
---low-memory-4bit the experts are dequantized a few at a time inside the grouped GEMM (less peak memory, a little
-more time: README, "4-bit experts").
+the experts a few at a time inside the grouped GEMMs (on CUDA; a layer's peak memory below the HF loop's), and runs
+the base and the adapters as grouped GEMMs. With --whole-4bit-stacks it dequantizes all experts of a projection at
+once (faster, more peak memory: README, "4-bit experts").
 
     python examples/qlora_finetune.py --inner aot_eager --steps 3
 """
@@ -27,7 +27,8 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    p.add_argument("--low-memory-4bit", action="store_true", help="dequantize the 4-bit experts a few at a time")
+    p.add_argument("--whole-4bit-stacks", action="store_true",
+                   help="dequantize all 4-bit experts of a projection at once (low_memory_4bit=False)")
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +44,7 @@ def main():
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     model.print_trainable_parameters()
 
-    graph_moe.compile(model, inner=args.inner, low_memory_4bit=args.low_memory_4bit)
+    graph_moe.compile(model, inner=args.inner, low_memory_4bit=not args.whole_4bit_stacks)
     print(model._graph_moe_install_report)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, model.config.vocab_size, (2, 64), device=device)

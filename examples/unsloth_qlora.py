@@ -38,8 +38,8 @@ def save_model_and_tokenizer(path, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-graph-moe", action="store_true", help="Unsloth alone (its own grouped forward where it applies)")
-    p.add_argument("--low-memory-4bit", action="store_true",
-                   help="graph_moe dequantizes the 4-bit experts a few at a time (less peak memory)")
+    p.add_argument("--whole-4bit-stacks", action="store_true",
+                   help="graph_moe dequantizes all 4-bit experts of a projection at once (low_memory_4bit=False)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
@@ -61,7 +61,7 @@ def main():
         from graph_moe.integrations import unsloth as graph_moe_unsloth
 
         # before loading: Unsloth's loaders now end with graph_moe's install
-        graph_moe_unsloth.enable(low_memory_4bit=args.low_memory_4bit)
+        graph_moe_unsloth.enable(low_memory_4bit=not args.whole_4bit_stacks)
     from unsloth import FastLanguageModel  # noqa: E402  (Unsloth wants to be imported before transformers)
     import torch
 

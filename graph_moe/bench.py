@@ -206,7 +206,7 @@ def first_output_module(block) -> nn.Module:
     return wrapper
 
 
-def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=True, low_memory_4bit=False,
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=True, low_memory_4bit=True,
                     inner="inductor"):
     """A copy of `block` compiled as a model is (`torch.compile(model, backend=graph_moe.make_backend(...))`): the
     module compiled is the one given to graph_moe.install, so its layout checks run in plain Python around each call
@@ -293,9 +293,9 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
         if qlora:
             qlora_block = with_lora(with_nf4(block))
+            # the 4-bit experts dequantized a few at a time (passes/grouped_mm_4bit.py), and whole stacks at once
             variants["graph_moe_qlora"] = graph_moe_block(qlora_block, mode)
-            # the 4-bit experts dequantized a few at a time (passes/grouped_mm_4bit.py)
-            variants["graph_moe_qlora_low_memory"] = graph_moe_block(qlora_block, mode, low_memory_4bit=True)
+            variants["graph_moe_qlora_whole_stacks"] = graph_moe_block(qlora_block, mode, low_memory_4bit=False)
             if stacked:
                 variants["graph_moe_per_expert_qlora"] = graph_moe_block(qlora_block, mode, stack_lora=False)
             if with_loop:
@@ -365,7 +365,7 @@ DIFF_WARNING = 0.10
 
 def reference_kind(variant: str) -> str:
     """Which block a variant's output is checked against: "qlora" (NF4 experts + LoRA), "lora", or "" (frozen bf16).
-    Read from anywhere in the name: a suffix like `_low_memory` follows the kind."""
+    Read from anywhere in the name: a suffix like `_whole_stacks` follows the kind."""
     return "qlora" if "qlora" in variant else "lora" if "lora" in variant else ""
 
 
@@ -429,8 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--stacked", action="store_true", help="also graph_moe without the grouped weight layout")
     p.add_argument("--lora", action="store_true", help="also LoRA r=16 on every expert projection (PEFT)")
     p.add_argument("--qlora", action="store_true",
-                   help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT), graph_moe with and without "
-                        "low_memory_4bit=True")
+                   help="also NF4 4-bit experts + LoRA r=16 (bitsandbytes + PEFT), graph_moe with the default "
+                        "low_memory_4bit=True and with False (whole stacks dequantized at once)")
     p.add_argument("--unsloth", action="store_true", help="also unsloth-zoo's grouped forward (needs unsloth)")
     p.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
     p.add_argument("--mode", default=None, help="torch.compile mode for the graph_moe variants (reduce-overhead: CUDA graphs)")

@@ -144,7 +144,7 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, trace_once
 
 
 def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_projections: bool = True,
-            router_topk: bool = True, low_memory_4bit: bool = False, stack_experts: bool = False,
+            router_topk: bool = True, low_memory_4bit: bool = True, stack_experts: bool = False,
             trace_experts_once: bool = True, **torch_compile_kwargs) -> nn.Module:
     """Install graph_moe on `model` and compile it with the graph_moe backend, in place.
 

@@ -35,7 +35,7 @@ from graph_moe.passes import rewrite_moe_loops
 from graph_moe.report import LoopReport, record
 
 SETTINGS_DEFAULTS: dict[str, Any] = {
-    "fuse_projections": True, "router_topk": True, "low_memory_4bit": False}
+    "fuse_projections": True, "router_topk": True, "low_memory_4bit": True}
 
 
 def _source_files() -> tuple[str, ...]:
@@ -78,7 +78,7 @@ class GraphMoePass(CustomGraphPass):
     on_reports: called with the LoopReports of every graph the pass rewrites (not part of the uuid).
     """
 
-    def __init__(self, *, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = False,
+    def __init__(self, *, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
                  then=None, on_reports: Callable[[list[LoopReport]], Any] | None = None):
         self.settings = {"fuse_projections": fuse_projections, "router_topk": router_topk,
                          "low_memory_4bit": low_memory_4bit}
@@ -127,7 +127,7 @@ class GraphMoePass(CustomGraphPass):
         return f"GraphMoePass({settings}{then})"
 
 
-def inductor_pass(*, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = False,
+def inductor_pass(*, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
                   then=None, on_reports: Callable[[list[LoopReport]], Any] | None = None) -> GraphMoePass:
     """The graph_moe rewrite as an Inductor `pre_grad_custom_pass` (see GraphMoePass)."""
     return GraphMoePass(fuse_projections=fuse_projections, router_topk=router_topk, low_memory_4bit=low_memory_4bit,
@@ -146,7 +146,7 @@ def _without_graph_moe(current) -> Any:
     return current
 
 
-def inductor_options(*, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = False,
+def inductor_options(*, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
                      then=None, on_reports: Callable[[list[LoopReport]], Any] | None = None) -> dict[str, Any]:
     """`torch.compile(..., options=...)` for the plain inductor backend: our pre-grad pass, composed with
     `then` or else with whatever `torch._inductor.config.pre_grad_custom_pass` holds now (which

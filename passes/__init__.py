@@ -77,7 +77,7 @@ def _prove(cand: LoopCandidate) -> ProvenLoop:
 
 
 def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
-                      router_topk: bool = True, low_memory_4bit: bool = False) -> list[LoopReport]:
+                      router_topk: bool = True, low_memory_4bit: bool = True) -> list[LoopReport]:
     """Rewrite every provable expert loop of `gm` in place; one report per loop found. `router_topk`: the
     router's top-k as one Triton kernel too, on CUDA (router_topk.py). `low_memory_4bit`: 4-bit expert stacks
     dequantized a few experts at a time (grouped_mm_4bit.py)."""

@@ -199,7 +199,7 @@ _NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules",
 
 
 def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = True,
-         low_memory_4bit: bool = False) -> list[tuple[str, bool]]:
+         low_memory_4bit: bool = True) -> list[tuple[str, bool]]:
     """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate
     graph = cand.accumulator.graph
@@ -492,7 +492,7 @@ def _erase_loop(graph: fx.Graph, nodes) -> None:
             raise AssertionError(f"graph_moe: the rewrite reads {n.format_node()}, a step of the loop it replaced")
 
 
-def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4bit: bool = False):
+def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4bit: bool = True):
     cast_to = _autocast_dtype(example_value(x), example_value(w), linears)
     if cast_to is not None:  # what autocast does to each per-expert linear: rows and weights in its dtype
         x = b.method("to", x, cast_to, name="rows_autocast")

@@ -1,11 +1,11 @@
 """A grouped GEMM on bitsandbytes 4-bit expert stacks that dequantizes a few experts at a time (`low_memory_4bit`).
 
-The 4-bit layout (graph_moe/layout.py, `Stacked4bit`) keeps one projection's packed weights for every expert. By
-default the grouped graph dequantizes a whole stack before its grouped GEMM, in the forward and again in the backward:
-805 MB of bf16 for gate+up at Qwen3-30B-A3B, the layer's transient peak (1.24 GB at 4096 tokens against the HF
-loop's 0.74, which dequantizes one expert at a time). With `low_memory_4bit=True` the pass emits this op instead: the
-experts are dequantized in chunks of at most CHUNK_BYTES, and each chunk's groups of rows are multiplied before the
-next chunk is made:
+The 4-bit layout (graph_moe/layout.py, `Stacked4bit`) keeps one projection's packed weights for every expert.
+Dequantizing a whole stack before its grouped GEMM, in the forward and again in the backward (`low_memory_4bit=False`),
+makes 805 MB of bf16 for gate+up at Qwen3-30B-A3B, the layer's transient peak (1.24 GB at 4096 tokens against the HF
+loop's 0.74, which dequantizes one expert at a time). By default (`low_memory_4bit=True`) the pass emits this op
+instead: the experts are dequantized in chunks of at most CHUNK_BYTES, and each chunk's groups of rows are multiplied
+before the next chunk is made:
 
     grouped_mm_4bit(x, packed, absmax, offs, shape, blocksize, quant_type, transposed)
         == torch._grouped_mm(x, W.transpose(-2, -1) or W, offs=offs)
@@ -23,7 +23,9 @@ in the backward would become one node (CSE), saved from forward to backward.
 What it costs (H200, Qwen3-30B-A3B, 4096 tokens; benchmarks/*session11*): the peak of a QLoRA layer's
 forward+backward 1.24 -> 0.69 GB (HF loop 0.74). The Triton GEMM runs 5-15% behind CUTLASS per call, and each chunk
 is a dequantize and a kernel launch from Python (~60 us of host time; ~0.3 ms a call with 4 chunks): 4.00 / 7.16 ->
-4.17 / 8.02 ms forward / forward+backward, so it is opt-in.
+4.17 / 8.02 ms forward / forward+backward in session 11. Opt-in until session 20, when the layer's forward+backward
+measured 5.68 ms with whole stacks and 6.19 with this op (waited for, one run): both 49x or more the PEFT +
+bitsandbytes loop, so the default keeps the peak below the loop's.
 
 A kernel that dequantized each weight tile in registers, inside the GEMM (no bf16 weights at all), was 12x slower
 than dequantize + torch._grouped_mm at 16384 tokens: every row tile dequantizes the tiles again, 8 times per weight

@@ -148,7 +148,7 @@ def test_uuid_follows_settings_code_and_composed_pass(tmp_path, monkeypatch):
     assert original and b.uuid() == original
     assert gip.inductor_pass(fuse_projections=False).uuid() != a.uuid()
     assert gip.inductor_pass(router_topk=False).uuid() != a.uuid()
-    assert gip.inductor_pass(low_memory_4bit=True).uuid() != a.uuid()
+    assert gip.inductor_pass(low_memory_4bit=False).uuid() != a.uuid()
 
     # The composed pass's uuid is folded in; a pass without one makes ours None (early timing).
     assert gip.inductor_pass(then=Recording("x")).uuid() not in (None, a.uuid())

@@ -115,15 +115,15 @@ def test_bench_compile_time_backend_variant_compiles_the_whole_model(tmp_path):
 
 
 def test_bench_checks_each_variant_against_its_own_block():
-    """`graph-moe bench` checks each variant's output against the eager block it was built from. Session 13 found the
-    `_low_memory` QLoRA variant compared with the frozen bf16 block (a 0.22 difference that was NF4 rounding + LoRA)."""
+    """`graph-moe bench` checks each variant's output against the eager block it was built from. Session 13 found a
+    QLoRA variant compared with the frozen bf16 block (a 0.22 difference that was NF4 rounding + LoRA)."""
     from graph_moe.bench import reference_kind
 
     kinds = {name: reference_kind(name) for name in (
         "graph_moe", "grouped_compiled", "hf_loop", "graph_moe_lora", "hf_loop_lora", "graph_moe_qlora",
-        "graph_moe_qlora_low_memory", "graph_moe_per_expert_qlora", "hf_loop_qlora", "unsloth_qlora")}
+        "graph_moe_qlora_whole_stacks", "graph_moe_per_expert_qlora", "hf_loop_qlora", "unsloth_qlora")}
     assert kinds == {"graph_moe": "", "grouped_compiled": "", "hf_loop": "", "graph_moe_lora": "lora",
-                     "hf_loop_lora": "lora", "graph_moe_qlora": "qlora", "graph_moe_qlora_low_memory": "qlora",
+                     "hf_loop_lora": "lora", "graph_moe_qlora": "qlora", "graph_moe_qlora_whole_stacks": "qlora",
                      "graph_moe_per_expert_qlora": "qlora", "hf_loop_qlora": "qlora", "unsloth_qlora": "qlora"}
 
 

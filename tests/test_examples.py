@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("script,inner,flags", [("quickstart.py", "eager", []), ("lora_finetune.py", "aot_eager", []),
-                                                 ("qlora_finetune.py", "aot_eager", ["--low-memory-4bit"])])
+                                                 ("qlora_finetune.py", "aot_eager", ["--whole-4bit-stacks"])])
 def test_example_runs(script, inner, flags):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", inner,
                            "--steps", "2", *flags], capture_output=True, text=True, timeout=600)

@@ -66,7 +66,7 @@ def _dequantize_calls(keep):
 def test_4bit_experts_inference_equals_bitsandbytes(saved_model, quant):
     model, reference = _load_4bit(saved_model, **quant), _load_4bit(saved_model, **quant)
     keep = Keep()
-    graph_moe.compile(model, inner=keep)
+    graph_moe.compile(model, inner=keep, low_memory_4bit=False)  # whole stacks dequantized at once
     assert {b.weights for b in model._graph_moe_install_report.blocks} == {"grouped layout"}
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
@@ -195,11 +195,11 @@ def test_dequantized_experts_are_not_saved_for_backward(saved_model):
 
 @pytest.mark.parametrize("quant", [dict(), dict(double_quant=True, quant_type="fp4")], ids=["nf4", "fp4-double-quant"])
 def test_low_memory_4bit_reads_the_4bit_stacks(saved_model, quant):
-    """low_memory_4bit=True: both grouped GEMMs are graph_moe::grouped_mm_4bit on the packed stacks (the experts
-    dequantized a few at a time inside it, passes/grouped_mm_4bit.py); no dequantize left in the graph."""
+    """By default (low_memory_4bit=True) both grouped GEMMs are graph_moe::grouped_mm_4bit on the packed stacks (the
+    experts dequantized a few at a time inside it, passes/grouped_mm_4bit.py); no dequantize left in the graph."""
     model, reference = _load_4bit(saved_model, **quant), _load_4bit(saved_model, **quant)
     keep = Keep()
-    graph_moe.compile(model, inner=keep, low_memory_4bit=True)
+    graph_moe.compile(model, inner=keep)
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         assert_close_bf16(model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, "logits")

@@ -99,7 +99,8 @@ def test_global_inductor_pass_is_added_once_and_keeps_others():
 
 
 def test_apply_passes_the_rewrite_settings_on(monkeypatch):
-    """low_memory_4bit (for Unsloth's QLoRA users) reaches the blocks' backend and the global Inductor pass."""
+    """The rewrite's settings (here low_memory_4bit=False, for Unsloth's QLoRA users who want speed over peak memory)
+    reach the blocks' backend and the global Inductor pass."""
     from graph_moe.inductor_pass import GraphMoePass
 
     made = []
@@ -107,11 +108,11 @@ def test_apply_passes_the_rewrite_settings_on(monkeypatch):
     monkeypatch.setattr(graph_moe_unsloth, "make_backend", lambda *a, **kw: made.append(kw) or make_backend(*a, **kw))
     with torch._inductor.config.patch(pre_grad_custom_pass=None):
         model = graph_moe_unsloth.apply(build("qwen3_moe", layers=1), inner="aot_eager", global_pass=True,
-                                        low_memory_4bit=True)
+                                        low_memory_4bit=False)
         current = torch._inductor.config.pre_grad_custom_pass
         assert isinstance(current, GraphMoePass)
-        assert current.settings == {"fuse_projections": True, "router_topk": True, "low_memory_4bit": True}
-    assert len(made) == 1 and made[0]["low_memory_4bit"] is True
+        assert current.settings == {"fuse_projections": True, "router_topk": True, "low_memory_4bit": False}
+    assert len(made) == 1 and made[0]["low_memory_4bit"] is False
     with torch.no_grad():
         model(torch.randint(0, 64, (2, 7)), use_cache=False)
     assert counters["graph_moe"]["loops_rewritten"] == 1
