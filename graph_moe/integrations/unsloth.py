@@ -16,8 +16,8 @@ instances, after Unsloth is done with the model:
   and PEFT's `PeftModel.from_pretrained`, so `apply` runs after each of them: after loading, after LoRA is added,
   after a saved adapter is attached.
 
-Both take the rewrite's settings as `graph_moe.compile` does (`low_memory_4bit=True`: 4-bit experts dequantized a
-few at a time, less peak memory for QLoRA), and are no-ops with a log line when Unsloth is not installed or a model
+Both take the rewrite's settings as `graph_moe.compile` does (`low_memory_4bit=False`: each projection's 4-bit
+experts dequantized at once, faster for more peak memory than the default), and are no-ops with a log line when Unsloth is not installed or a model
 has no supported MoE block.
 """
 
@@ -128,7 +128,7 @@ def _apply_after(func, owner: str):
 
 def enable(**settings) -> bool:
     """Make every Unsloth load (and PEFT adapter attach) end with `apply`, with these rewrite settings (as
-    `graph_moe.make_backend` takes them, e.g. low_memory_4bit=True). Returns False without Unsloth."""
+    `graph_moe.make_backend` takes them, e.g. low_memory_4bit=False). Returns False without Unsloth."""
     if not unsloth_available():
         log.info("graph_moe: Unsloth is not installed; graph_moe.integrations.unsloth.enable() does nothing "
                  "(use graph_moe.compile(model) instead)")
