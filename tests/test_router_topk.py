@@ -61,7 +61,7 @@ def test_router_topk_ties_go_to_lowest_index(compiled):
 def test_cuda_topk_picks_the_same_experts(compiled):
     """The rewrite's premise: on CUDA, torch.topk chooses the same k experts as router_topk (its Triton kernel), ties
     included, in the same order with the same values: at the Qwen3-30B-A3B router's shape and at odd ones (experts not
-    a power of two, bf16 scores, leading dims, strided rows, one row, no rows), and under Inductor over two lengths."""
+    a power of two, bf16 scores, leading dims, strided rows, one row, no rows), and under Inductor (dynamic shapes)."""
     from graph_moe.passes.router_topk import triton
     assert triton is not None, "the GPU machine has Triton: the kernel must be what runs here"
     fn = torch.compile(lambda s, k: router_topk(s, k), backend="inductor", dynamic=True) if compiled else router_topk
