@@ -82,7 +82,7 @@ class _WithCaptureSettings:
         if self.laid_out is None:  # found at the first call: graph_moe.install runs before it
             self.laid_out = layout_check.laid_out_blocks(self.region)
         # Those not verified already by the model's hooks (layout_check.watch), which then clear them
-        blocks = () if outer else [block for block in self.laid_out if layout_check.verify(block)]
+        blocks = () if outer else layout_check.verify_blocks(self.laid_out)
         try:
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
@@ -93,8 +93,7 @@ class _WithCaptureSettings:
             self.trace_once.enabled = common.TRACE_EXPERTS_ONCE = False
             return self.compiled(*args, **kwargs)
         finally:
-            for block in blocks:
-                layout_check.clear(block)
+            layout_check.clear_blocks(blocks)
             common.TRACE_EXPERTS_ONCE, common.IN_GRAPH_MOE_REGION = saved_once, saved_region
             for name, value in saved:
                 setattr(config, name, value)

@@ -127,6 +127,16 @@ def verify(block: nn.Module) -> bool:
     return True
 
 
+def verify_blocks(blocks) -> list[nn.Module]:
+    """`verify` each block; returns those it verified, which the caller clears (`clear_blocks`) after its call."""
+    return [block for block in blocks if verify(block)]
+
+
+def clear_blocks(blocks) -> None:
+    for block in blocks:
+        clear(block)
+
+
 def clear(block: nn.Module) -> None:
     """After the call: the verdict holds for that call only (eager calls and other compiled code check again)."""
     layout = layout_of(block)
@@ -182,10 +192,9 @@ for _hook in (_before, _after):
 
 @torch._dynamo.disable
 def _verify_all(model: nn.Module) -> None:
-    model.__dict__[_VERIFIED] = [block for block in model.__dict__.get(_BLOCKS, ()) if verify(block)]
+    model.__dict__[_VERIFIED] = verify_blocks(model.__dict__.get(_BLOCKS, ()))
 
 
 @torch._dynamo.disable
 def _clear_all(model: nn.Module) -> None:
-    for block in model.__dict__.pop(_VERIFIED, ()):
-        clear(block)
+    clear_blocks(model.__dict__.pop(_VERIFIED, ()))

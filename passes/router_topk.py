@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import example_value
-from .row_order import _traced_into
+from .row_order import _run_eagerly, _traced_into
 
 # Devices whose torch.topk breaks ties as router_topk does (lowest index first); the pass rewrites top-k there only.
 DEVICES = {"cuda"}
@@ -109,12 +109,7 @@ def _router_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("graph_moe::router_topk", mutates_args=())
 def router_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk(scores, k, dim=-1) for scores that are never -inf, ties to the lowest index."""
-    if triton is None:
-        return _router_topk(scores, k)
-    from torch._library.triton import set_wrap_triton_enabled
-
-    with set_wrap_triton_enabled(False):  # run eagerly, launch the kernel directly (as torch.library.triton_op does)
-        return _router_topk(scores, k)
+    return _run_eagerly(_router_topk, scores, k)
 
 
 def _router_topk_backward(ctx, grad_values, grad_indices):

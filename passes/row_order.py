@@ -40,6 +40,15 @@ def _traced_into(op, body):
             return body(*args, **kwargs)
 
 
+def _run_eagerly(body, *args):
+    """`body` called as the op's own (eager) kernel: a Triton kernel it launches through wrap_triton runs directly, as
+    torch.library.triton_op does; traced (`_traced_into`), Inductor launches it from its own code."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    with set_wrap_triton_enabled(False):
+        return body(*args)
+
+
 def _add_slots(by_slot: Tensor, dim: int) -> Tensor:
     k = by_slot.shape[dim]
     if not (isinstance(k, int) and 1 < k <= 16):

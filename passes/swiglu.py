@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import op_name
-from .row_order import _traced_into
+from .row_order import _run_eagerly, _traced_into
 
 try:
     import triton
@@ -101,12 +101,7 @@ def _swiglu_scaled_backward(gu: Tensor, w: Tensor, grad: Tensor) -> tuple[Tensor
 @torch.library.custom_op("graph_moe::swiglu_scaled_backward", mutates_args=())
 def swiglu_scaled_backward(gu: Tensor, w: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """(gradient of gu, gradient of w) of swiglu_scaled for the output gradient `grad`."""
-    if triton is None:
-        return _swiglu_scaled_backward(gu, w, grad)
-    from torch._library.triton import set_wrap_triton_enabled
-
-    with set_wrap_triton_enabled(False):  # run eagerly, launch the kernel directly (as torch.library.triton_op does)
-        return _swiglu_scaled_backward(gu, w, grad)
+    return _run_eagerly(_swiglu_scaled_backward, gu, w, grad)
 
 
 def _backward(ctx, grad):
