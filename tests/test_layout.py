@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -206,13 +207,20 @@ DICT_TAGS = {"dict tags off": False, "dict tags on": True}
 @pytest.mark.parametrize("dict_tags", DICT_TAGS)
 @pytest.mark.parametrize("change", ["unfreeze", "peft"])
 @pytest.mark.parametrize("way", WAYS)
-def test_changes_after_compile_are_seen(way, change, dict_tags, monkeypatch):
+def test_changes_after_compile_are_seen(way, change, dict_tags):
     """An expert unfrozen, or LoRA added, after the first compiled call is seen on the next (outputs and gradients
     as eager), with Dynamo's recursive dict-tag guards on or off."""
+    # config.patch restores the option by value (monkeypatch.setattr would delete it from the config module at
+    # teardown, hiding it from every later test of the process); the option exists on torch 2.10-2.13 only.
+    patch = (torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=DICT_TAGS[dict_tags])
+             if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards") else contextlib.nullcontext())
+    with patch:
+        _check_changes_after_compile(way, change)
+
+
+def _check_changes_after_compile(way, change):
     from peft import LoraConfig, get_peft_model
 
-    if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):
-        monkeypatch.setattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards", DICT_TAGS[dict_tags])
     model = _frozen()
     reference = copy.deepcopy(model)
     call = compile_by(way, model)
