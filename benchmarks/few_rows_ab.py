@@ -18,7 +18,7 @@ import torch
 
 from graph_moe.bench import _cuda_time, benchmark_block, card_ceilings, graph_moe_block, roofline_ms
 from graph_moe.passes import emit_grouped
-from graph_moe.passes import grouped_mm_few_rows as few
+from graph_moe.kernels import grouped_mm_few_rows as few
 
 SHAPE = (128, 8, 2048, 768)
 TRITON = few.CONFIGS

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from graph_moe.passes import grouped_mm_few_rows as few
-from graph_moe.passes.triton_grouped_mm import run_groups
+from graph_moe.kernels import grouped_mm_few_rows as few
+from graph_moe.kernels.triton_grouped_mm import run_groups
 
 
 def _host_us(fn, calls=200):

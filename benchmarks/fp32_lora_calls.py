@@ -1,5 +1,5 @@
 """The float32 LoRA GEMMs of a compiled model, call by call: which `graph_moe::grouped_mm` calls are slow, and what
-tiles make them fast. On a GPU (the op's Triton kernels, passes/grouped_op_cuda.py).
+tiles make them fast. On a GPU (the op's Triton kernels, kernels/grouped_op_cuda.py).
 
     python benchmarks/fp32_lora_calls.py --layers 2 --tokens 2048 --json out.json
     python benchmarks/fp32_lora_calls.py --ab --layers 4 --json out.json
@@ -25,7 +25,7 @@ import torch
 import graph_moe
 from graph_moe.bench import _cuda_time
 from graph_moe.passes import emit_grouped
-from graph_moe.passes import grouped_op_cuda as cuda_op
+from graph_moe.kernels import grouped_op_cuda as cuda_op
 
 from whole_model_compile import build, step  # noqa: E402  (run from benchmarks/ or with it on sys.path)
 

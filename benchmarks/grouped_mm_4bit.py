@@ -1,4 +1,4 @@
-"""The 4-bit grouped GEMM (passes/grouped_mm_4bit.py) on a GPU: checked against dequantize + torch._grouped_mm,
+"""The 4-bit grouped GEMM (kernels/grouped_mm_4bit.py) on a GPU: checked against dequantize + torch._grouped_mm,
 its tile configs and chunk sizes timed, at the Qwen3-30B-A3B shape (128 experts, top-8, hidden 2048, intermediate 768).
 
     python benchmarks/grouped_mm_4bit.py --tokens 4096 16384 --json out.json
@@ -18,7 +18,7 @@ import json
 import torch
 
 from graph_moe.bench import _cuda_time
-from graph_moe.passes import grouped_mm_4bit as op
+from graph_moe.kernels import grouped_mm_4bit as op
 
 CONFIGS = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 CHUNK_MB = [op.CHUNK_BYTES // 2**20, 128, 1024]

@@ -1,6 +1,6 @@
 """The grouped GEMM at few rows per expert on a GPU: torch._grouped_mm (CUTLASS) against the persistent Triton kernel
-(passes/triton_grouped_mm.py) over its tile configs, at the Qwen3-30B-A3B shape (128 experts, top-8, hidden 2048,
-intermediate 768); how passes/grouped_mm_few_rows.py's CONFIGS were chosen.
+(kernels/triton_grouped_mm.py) over its tile configs, at the Qwen3-30B-A3B shape (128 experts, top-8, hidden 2048,
+intermediate 768); how kernels/grouped_mm_few_rows.py's CONFIGS were chosen.
 
     python benchmarks/small_m_grouped_mm.py --tokens 1 8 64 512 1024 2048 --json out.json
 
@@ -18,7 +18,7 @@ import json
 import torch
 
 from graph_moe.bench import _cuda_time
-from graph_moe.passes.triton_grouped_mm import run_groups
+from graph_moe.kernels.triton_grouped_mm import run_groups
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 128, 8, 2048, 768
 CONFIGS = [(16, 256, 64, 8, 4), (16, 256, 64, 4, 4), (32, 256, 64, 8, 4), (32, 256, 64, 8, 5), (32, 256, 64, 4, 4),

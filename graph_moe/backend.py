@@ -79,9 +79,9 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
     mode/options: Inductor's `torch.compile(mode=..., options=...)`; those given to torch.compile win.
     fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
     router_topk: on CUDA, the router's top-k of a softmax as one Triton kernel of k arg-max steps
-        (passes/router_topk.py) instead of ATen's top-k; the experts chosen are the same, ties included.
+        (kernels/router_topk.py) instead of ATen's top-k; the experts chosen are the same, ties included.
     low_memory_4bit: bitsandbytes 4-bit (QLoRA) experts dequantized a few at a time inside their grouped GEMMs
-        (passes/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's (on CUDA with
+        (kernels/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's (on CUDA with
         Triton). False: each projection's experts dequantized at once, faster (~10%) for ~0.5 GB more at
         Qwen3-30B-A3B.
     on_reports: called with the LoopReports of every captured graph (graph_moe.explain uses it).
@@ -92,7 +92,7 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
     def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         mode_, options_ = kwargs.get("mode", mode), {**(options or {}), **(kwargs.get("options") or {})}
         # the rewrite sees the Inductor config the graph compiles under (as a pass inside Inductor does): under CUDA
-        # graphs it emits kernels whose host cost the graphs remove (passes/grouped_mm_few_rows.py)
+        # graphs it emits kernels whose host cost the graphs remove (kernels/grouped_mm_few_rows.py)
         with torch._inductor.config.patch(_inductor_patches(mode_, options_) if inner == "inductor" else {}):
             reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk,
                                         low_memory_4bit=low_memory_4bit)

@@ -15,8 +15,8 @@ with a `uuid()`, which is what makes it cache-safe:
   returns None too and Inductor falls back to "early" timing (pass runs on every compile, keys from
   the rewritten graph).
 
-The uuid hashes the source of every module of `graph_moe.passes` and of this file, plus the
-settings, plus the uuid of a composed pass: a change to any of them is a cache miss.
+The uuid hashes the source of every module of `graph_moe.passes` and `graph_moe.kernels` and of this
+file, plus the settings, plus the uuid of a composed pass: a change to any of them is a cache miss.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+import graph_moe.kernels as _kernels_pkg
 import graph_moe.passes as _passes_pkg
 from graph_moe.backend import fake_tensor_cache_back_on
 from graph_moe.passes import rewrite_moe_loops
@@ -39,9 +40,10 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
 
 
 def _source_files() -> tuple[str, ...]:
-    """Every .py file of the graph_moe.passes package (recursively), then this file; sorted, absolute."""
+    """Every .py file of the graph_moe.passes and graph_moe.kernels packages (recursively), then this file; sorted,
+    absolute."""
     files = []
-    for root in _passes_pkg.__path__:
+    for root in (*_passes_pkg.__path__, *_kernels_pkg.__path__):
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
             files.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))

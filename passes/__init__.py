@@ -16,9 +16,10 @@ import torch.fx as fx
 
 from graph_moe.report import LoopReport
 
+from graph_moe.kernels import grouped_chunks
+
 from .emit_grouped import emit
 from .find_loops import LoopCandidate, find_loop_candidates
-from . import grouped_chunks
 from .ops import example_value, source_name
 from .prove_bodies import ProvenLoop, Unprovable, prove
 from .traced_once import TraceEveryExpert, is_marker
@@ -79,8 +80,8 @@ def _prove(cand: LoopCandidate) -> ProvenLoop:
 def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
                       router_topk: bool = True, low_memory_4bit: bool = True) -> list[LoopReport]:
     """Rewrite every provable expert loop of `gm` in place; one report per loop found. `router_topk`: the
-    router's top-k as one Triton kernel too, on CUDA (router_topk.py). `low_memory_4bit`: 4-bit expert stacks
-    dequantized a few experts at a time (grouped_mm_4bit.py)."""
+    router's top-k as one Triton kernel too, on CUDA (kernels/router_topk.py). `low_memory_4bit`: 4-bit expert stacks
+    dequantized a few experts at a time (kernels/grouped_mm_4bit.py)."""
     reports = []
     # The loop may sit in a higher-order op's body (a checkpointed decoder layer, as transformers 5 traces it:
     # tag_activation_checkpoint over the submodule wrap_body_0), not in the graph itself.

@@ -13,7 +13,7 @@
     combined = unsort_rows(rows, row_of_slot, slot_of_row).unflatten(0, (-1, K)), slot 0 + ... + slot K-1
 
 The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, or a scatter without
-padding rows, passes/row_order.py) and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
+padding rows, kernels/row_order.py) and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
@@ -31,11 +31,11 @@ from torch._dynamo.utils import _disable_saved_tensors_hooks_during_tracing, cou
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import grouped_op, stack_op  # noqa: F401  (register torch.ops.graph_moe.grouped_mm and .stack_weights)
-from . import grouped_mm_4bit, grouped_mm_few_rows  # noqa: F401  (register torch.ops.graph_moe.grouped_mm_4bit, ...)
-from .grouped_chunks import grouped_mm_in_chunks, groups_per_call
-from .router_topk import replace_router_topk
-from .swiglu import swiglu_input
+import graph_moe.kernels  # noqa: F401  (registers the torch.ops.graph_moe ops emitted here)
+from graph_moe.kernels.grouped_chunks import grouped_mm_in_chunks, groups_per_call
+
+from .match_router_topk import replace_router_topk
+from .match_swiglu import swiglu_input
 from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, example_value, is_inplace,
                   op_name, slice_source)
 from .early_scale import plan_early_scale
@@ -153,7 +153,7 @@ def _recompute_producers(stack: fx.Node, limit: int = 12) -> list[fx.Node]:
 
 def _sink_to_first_use(graph: fx.Graph, nodes) -> None:
     """Move pure nodes down to just before their first user, last producer first; erase those nothing reads any
-    more (the dequantized 4-bit stack where the grouped GEMM reads the packed one, grouped_mm_4bit.py).
+    more (the dequantized 4-bit stack where the grouped GEMM reads the packed one, kernels/grouped_mm_4bit.py).
 
     The traced forward computes every stack before the loop (`ExpertLayout.stacks()`), so the 4-bit layout's
     dequantized gate+up and down stacks (805 and 403 MB at the Qwen3-30B-A3B shape) were alive together; moved next
@@ -269,7 +269,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
             continue
         if token_dim == 0 and isinstance(k, int) and _gathers_token_rows(node, loop):
             # x[top_x]: rows moved into expert order (a scatter from token order, or a gather), whose gradient adds
-            # each token's k rows by gathering them (row_order.py)
+            # each token's k rows by gathering them (kernels/row_order.py)
             env[node] = b.call(torch.ops.graph_moe.gather_token_rows, node.args[0], env[node.args[1]], row_of_slot, k,
                                padding_rows, name="token_rows")
             continue
@@ -312,7 +312,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
             b.graph.erase_node(own_input)
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
     # Back to (token, slot) order by a gather whose gradient moves rows back without atomics (a scatter, or a gather;
-    # passes/row_order.py), fused with the slot adds.
+    # kernels/row_order.py), fused with the slot adds.
     by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, padding_rows,
                       name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
@@ -332,7 +332,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
 
 def _scaled_by_routing_weight(b: _Builder, hidden: fx.Node, weight: fx.Node) -> fx.Node:
     """hidden * weight, the rows scaled before the down projection (early_scale.py); silu(gate) * up * w as one op
-    whose backward reads each row once (swiglu.py). The weight (rows x 1) is saved for the backward: recomputed,
+    whose backward reads each row once (kernels/swiglu.py). The weight (rows x 1) is saved for the backward: recomputed,
     Inductor gathered it again through the int64 token and slot numbers in every element of the activation's
     gradient kernel."""
     weight.meta["recompute"] = CheckpointPolicy.MUST_SAVE
@@ -443,7 +443,7 @@ def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_exp
 
 
 def _padding_rows(b: _Builder, padded, counts, padded_ends, padded_rows, num_experts: int, align: int):
-    """The padding rows as a static-length int64 list (for the row scatters, which zero them; passes/row_order.py):
+    """The padding rows as a static-length int64 list (for the row scatters, which zero them; kernels/row_order.py):
     each expert's last padded - counts rows (fewer than `align`), then the rows past the last expert's padded end
     (fewer than E * (align - 1) + align). Unused entries are `padded_rows`, one past the end."""
     device = example_value(padded).device
@@ -522,7 +522,7 @@ def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4
 def _few_rows_op_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """graph_moe::grouped_mm_few_rows stands in for torch._grouped_mm on CUDA where the weights need no gradient and
     Inductor captures CUDA graphs (mode="reduce-overhead" / "max-autotune"): it picks a Triton kernel on each call
-    when the experts get few rows (grouped_mm_few_rows.py). Without CUDA graphs its host time (a custom op and a
+    when the experts get few rows (kernels/grouped_mm_few_rows.py). Without CUDA graphs its host time (a custom op and a
     Triton launch from Python: 35 us more per call) costs more than its GPU time saves (H200, 512 tokens, forward
     back to back: 0.75 -> 1.19 ms in session 12, 0.81 -> 0.93 in session 13), so torch._grouped_mm stays."""
     return x.device.type == "cuda" and not w.requires_grad and bool(inductor_config.triton.cudagraphs)

@@ -11,37 +11,23 @@ and marks the loop's result with `graph_moe::every_expert_as_expert_0(result, E)
 
 The pass proves the one body row-wise as usual, reads each per-expert input as a slice `stack[0]` of an E-row stack,
 and emits the grouped loop over all E experts. What it cannot rewrite raises `TraceEveryExpert`, and
-`graph_moe.compile` traces that region again with every body (compile.py). The marker, run without the rewrite,
-raises: a graph holding only expert 0's body never computes a wrong result.
+`graph_moe.compile` traces that region again with every body (compile.py). The marker (kernels/every_expert_marker.py),
+run without the rewrite, raises: a graph holding only expert 0's body never computes a wrong result.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from graph_moe.kernels import every_expert_marker  # noqa: F401  (registers the marker op)
 
 from .ops import example_value, slice_source
 
 
 class TraceEveryExpert(Exception):
     """A loop traced once cannot be rewritten; the message says why. Its region must be traced with every body."""
-
-
-@torch.library.custom_op("graph_moe::every_expert_as_expert_0", mutates_args=())
-def every_expert_as_expert_0(result: Tensor, num_experts: int, stacks: list[Tensor]) -> Tensor:
-    """The loop's result for all `num_experts` experts, of which the graph traced expert 0's body reading row 0 of
-    each of `stacks` (the per-expert weights). Stands only until the pass rewrites the loop."""
-    raise RuntimeError(
-        "graph_moe: an expert loop traced with expert 0's body only ran without graph_moe's rewrite, which would "
-        "compute expert 0 alone. Traced loops of one body are for graph_moe.compile's backend; please report how "
-        "this graph reached another compiler.")
-
-
-@every_expert_as_expert_0.register_fake
-def _(result, num_experts, stacks):
-    return torch.empty_like(result)
 
 
 def marker_of(step_result: fx.Node, accumulator: fx.Node) -> fx.Node | None:
@@ -97,5 +83,5 @@ def slices_of_every_expert(slice_node: fx.Node, num_experts: int) -> tuple[list[
     return nodes, made
 
 
-__all__ = ["TraceEveryExpert", "every_expert_as_expert_0", "is_marker", "marker_of", "remove_marker",
+__all__ = ["TraceEveryExpert", "is_marker", "marker_of", "remove_marker",
            "slices_of_every_expert"]

@@ -155,10 +155,11 @@ def test_uuid_follows_settings_code_and_composed_pass(tmp_path, monkeypatch):
     assert gip.inductor_pass(then=Recording("x")).uuid() != gip.inductor_pass(then=Recording("y")).uuid()
     assert gip.inductor_pass(then=lambda g: None).uuid() is None
 
-    # Hashed files: every module of graph_moe.passes, and this pass's own file.
+    # Hashed files: every module of graph_moe.passes and graph_moe.kernels, and this pass's own file.
     files = gip._source_files()
-    passes_dir = os.path.dirname(gip._passes_pkg.__file__)
-    expected = {os.path.join(passes_dir, f) for f in os.listdir(passes_dir) if f.endswith(".py")}
+    expected = {os.path.join(folder, f) for folder in (os.path.dirname(gip._passes_pkg.__file__),
+                                                       os.path.dirname(gip._kernels_pkg.__file__))
+                for f in os.listdir(folder) if f.endswith(".py")}
     assert expected <= set(files) and files[-1] == os.path.abspath(gip.__file__)
 
     # A change to any of them changes the uuid.

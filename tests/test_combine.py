@@ -1,4 +1,4 @@
-"""Rows between token order and expert order (passes/row_order.py): the tokens' rows move into expert order and the
+"""Rows between token order and expert order (kernels/row_order.py): the tokens' rows move into expert order and the
 grouped rows back to (token, slot) order, and no gradient scatter-adds rows (atomics): gathers, or scatters that
 read in token order and zero the padding rows, checked in the graphs AOTAutograd gives Inductor and against eager."""
 
@@ -10,7 +10,7 @@ from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import graph_moe
-from graph_moe.passes.row_order import gather_token_rows, unsort_rows
+from graph_moe.kernels.row_order import gather_token_rows, unsort_rows
 from helpers import assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 

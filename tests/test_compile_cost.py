@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import graph_moe
-from graph_moe.passes.stack_op import stack_weights
+from graph_moe.kernels.stack_op import stack_weights
 from helpers import Keep, assert_close_bf16, check_model_rewritten
 from tiny_models import build
 

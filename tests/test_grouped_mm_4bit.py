@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graph_moe.passes import grouped_mm_4bit as op
-from graph_moe.passes import triton_grouped_mm as kernel
+from graph_moe.kernels import grouped_mm_4bit as op
+from graph_moe.kernels import triton_grouped_mm as kernel
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 

@@ -1,4 +1,4 @@
-"""graph_moe::grouped_mm_few_rows (passes/grouped_mm_few_rows.py): torch._grouped_mm for frozen weights, with a Triton
+"""graph_moe::grouped_mm_few_rows (kernels/grouped_mm_few_rows.py): torch._grouped_mm for frozen weights, with a Triton
 kernel on CUDA when the experts get few rows. On the CPU the op is torch._grouped_mm; the kernel's tests need a GPU."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 
 import graph_moe
 from graph_moe.passes import emit_grouped
-from graph_moe.passes import grouped_mm_few_rows as few
-from graph_moe.passes import triton_grouped_mm as kernel
+from graph_moe.kernels import grouped_mm_few_rows as few
+from graph_moe.kernels import triton_grouped_mm as kernel
 from helpers import Keep, assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 

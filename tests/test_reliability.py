@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from graph_moe.passes import grouped_chunks
+from graph_moe.kernels import grouped_chunks
 from graph_moe.passes.ops import example_value, source_name
 from graph_moe.report import GENERIC_HINT, hint_for, reset_counters
 from helpers import Recorder

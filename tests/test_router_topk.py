@@ -1,4 +1,4 @@
-"""The router's top-k (passes/router_topk.py): equal to torch.topk on fresh random scores, eager and under Inductor,
+"""The router's top-k (kernels/router_topk.py): equal to torch.topk on fresh random scores, eager and under Inductor,
 forward and gradient; ties to the lowest index; on CUDA its Triton kernel chooses as ATen's CUDA top-k does (checked
 on the GPU); replaced in a rewritten model by default, only on the devices whose torch.topk breaks ties that way, and
 then the model still matches eager."""
@@ -10,8 +10,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import graph_moe
-from graph_moe.passes import router_topk as router_topk_module
-from graph_moe.passes.router_topk import router_topk
+from graph_moe.kernels import router_topk as router_topk_module
+from graph_moe.kernels.router_topk import router_topk
 from helpers import Keep, assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
 
@@ -62,7 +62,7 @@ def test_cuda_topk_picks_the_same_experts(compiled):
     """The rewrite's premise: on CUDA, torch.topk chooses the same k experts as router_topk (its Triton kernel), ties
     included, in the same order with the same values: at the Qwen3-30B-A3B router's shape and at odd ones (experts not
     a power of two, bf16 scores, leading dims, strided rows, one row, no rows), and under Inductor (dynamic shapes)."""
-    from graph_moe.passes.router_topk import triton
+    from graph_moe.kernels.router_topk import triton
     assert triton is not None, "the GPU machine has Triton: the kernel must be what runs here"
     fn = torch.compile(lambda s, k: router_topk(s, k), backend="inductor", dynamic=True) if compiled else router_topk
     for tokens, experts, k, dtype in [(4096, 128, 8, torch.float32), (4097, 128, 8, torch.float32),

@@ -1,4 +1,4 @@
-"""silu(gate) * up * w as one op (passes/swiglu.py): its gradient against autograd's on fresh random rows, the op in
+"""silu(gate) * up * w as one op (kernels/swiglu.py): its gradient against autograd's on fresh random rows, the op in
 the rewritten graph of a SwiGLU family, and a body it must not take (LoRA on gate and up: silu of a sum)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graph_moe.model_zoo import build_model
-from graph_moe.passes.swiglu import _backward_formula, _swiglu_scaled_backward, swiglu_scaled
+from graph_moe.kernels.swiglu import _backward_formula, _swiglu_scaled_backward, swiglu_scaled
+from graph_moe.tools.model_zoo import build_model
 from helpers import check_model_rewritten
 
 
@@ -105,7 +105,7 @@ def _rows_and_weight(rows, weight_rows):
 
 def test_the_op_takes_one_weight_per_row_only():
     """The Triton backward reads w[row]: a weight broadcast over the rows (1, 1) keeps the traced ops."""
-    from graph_moe.passes.swiglu import swiglu_input
+    from graph_moe.passes.match_swiglu import swiglu_input
 
     h, w, gu = _rows_and_weight(6, 6)
     assert swiglu_input(h, w)[0] is gu

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from graph_moe.passes import grouped_op_cuda
+from . import grouped_op_cuda
 
 
 def _groups(offs: Tensor):

@@ -10,8 +10,8 @@ Triton kernel of triton_grouped_mm.py with 16- or 64-row tiles and four programs
 faster). The choice is made on each call from the row count, which the host knows without a sync: one compiled graph
 serves every sequence length. Elsewhere (CPU, no Triton, other dtypes or sizes) the op is torch._grouped_mm.
 
-The pass emits it only where Inductor captures CUDA graphs (emit_grouped.py, `_few_rows_op_fits`). One Qwen3-30B-A3B
-layer at 512 tokens on an H200, one process, the same compiled graph with the kernel and with CUTLASS
+The pass emits it only where Inductor captures CUDA graphs (passes/emit_grouped.py, `_few_rows_op_fits`). One
+Qwen3-30B-A3B layer at 512 tokens on an H200, one process, the same compiled graph with the kernel and with CUTLASS
 (benchmarks/few_rows_ab.py; ..._session12_few_rows_ab.json), ms forward, waited for / back to back: with CUDA graphs
 0.687 / 0.528 -> 0.587 / 0.447 (2.0x / 1.6x one read of the weights, 0.287 ms); without them 1.18 / 0.75 -> 1.30 /
 1.19: the Triton path's host time (a launch from Python inside the custom op: 66 us per call against 31.5 through
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from graph_moe.passes.triton_grouped_mm import run_groups, unsupported
+from .triton_grouped_mm import run_groups, unsupported
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the most rows per expert (on average) they serve best,
 # chosen on an H200 (benchmarks/small_m_grouped_mm.py); above the last, CUTLASS.

@@ -23,15 +23,10 @@ largest score, as in torch.topk, so the chosen index is always a real expert.
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import example_value
-from .row_order import _run_eagerly, _traced_into
+from .traced_bodies import run_eagerly, traced_into
 
 # Devices whose torch.topk breaks ties as router_topk does (lowest index first); the pass rewrites top-k there only.
 DEVICES = {"cuda"}
@@ -109,7 +104,7 @@ def _router_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("graph_moe::router_topk", mutates_args=())
 def router_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk(scores, k, dim=-1) for scores that are never -inf, ties to the lowest index."""
-    return _run_eagerly(_router_topk, scores, k)
+    return run_eagerly(_router_topk, scores, k)
 
 
 def _router_topk_backward(ctx, grad_values, grad_indices):
@@ -124,46 +119,7 @@ def _router_topk_setup(ctx, inputs, output):
 
 
 router_topk.register_autograd(_router_topk_backward, setup_context=_router_topk_setup)
-_traced_into(router_topk, _router_topk)
-
-_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
+traced_into(router_topk, _router_topk)
 
 
-def replace_router_topk(ids: fx.Node, fake_mode) -> bool:
-    """Where the routed expert ids are `torch.topk(softmax(logits), k)[1]` over the last dim, on a device in
-    DEVICES, with k <= MAX_K of at most MAX_EXPERTS scores: the top-k node becomes router_topk. Returns whether it
-    did."""
-    if not (ids.op == "call_function" and ids.target is operator.getitem and ids.args[1] == 1):
-        return False
-    topk = ids.args[0]
-    if not (isinstance(topk, fx.Node) and (topk.target is torch.topk or (topk.op == "call_method"
-                                                                          and topk.target == "topk"))):
-        return False
-    names = ("input", "k", "dim", "largest", "sorted")
-    bound = dict(zip(names, topk.args)) | dict(topk.kwargs)
-    scores, k = bound.get("input"), bound.get("k")
-    if not (isinstance(scores, fx.Node) and isinstance(k, int) and 1 <= k <= MAX_K
-            and bound.get("largest", True) is True and bound.get("sorted", True) is True):
-        return False
-    val = example_value(scores)
-    if not (isinstance(val, torch.Tensor) and val.dtype.is_floating_point and val.device.type in DEVICES
-            and bound.get("dim", -1) in (-1, val.dim() - 1) and isinstance(val.shape[-1], int)
-            and k <= val.shape[-1] <= MAX_EXPERTS):
-        return False
-    if not (scores.target in _SOFTMAX and _softmax_dim(scores) in (-1, val.dim() - 1)):
-        return False
-    with topk.graph.inserting_before(topk):
-        new = topk.graph.call_function(torch.ops.graph_moe.router_topk, (scores, k))
-    with fake_mode:
-        new.meta["example_value"] = torch.ops.graph_moe.router_topk(val, k)
-    for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
-        if key in topk.meta:
-            new.meta[key] = topk.meta[key]
-    topk.replace_all_uses_with(new)
-    topk.graph.erase_node(topk)
-    return True
-
-
-def _softmax_dim(node: fx.Node):
-    """F.softmax(x, dim), torch.softmax(x, dim) and x.softmax(dim) all take dim second."""
-    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+__all__ = ["router_topk", "DEVICES", "MAX_EXPERTS", "MAX_K"]

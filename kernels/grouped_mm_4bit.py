@@ -41,7 +41,7 @@ import logging
 import torch
 from torch import Tensor
 
-from graph_moe.passes.triton_grouped_mm import run_groups, unsupported
+from .triton_grouped_mm import run_groups, unsupported
 
 log = logging.getLogger("graph_moe")
 

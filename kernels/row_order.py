@@ -26,27 +26,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-
-def _traced_into(op, body):
-    """`body` as the op's fake kernel and as what AOTAutograd records below autograd (after the gradient above)."""
-    op.register_fake(body)
-
-    @op.register_torch_dispatch(FunctionalTensorMode)
-    def _decompose(mode, _op, types, args, kwargs):
-        with mode:
-            return body(*args, **kwargs)
-
-
-def _run_eagerly(body, *args):
-    """`body` called as the op's own (eager) kernel: a Triton kernel it launches through wrap_triton runs directly, as
-    torch.library.triton_op does; traced (`_traced_into`), Inductor launches it from its own code."""
-    from torch._library.triton import set_wrap_triton_enabled
-
-    with set_wrap_triton_enabled(False):
-        return body(*args)
+from .traced_bodies import traced_into
 
 
 def _add_slots(by_slot: Tensor, dim: int) -> Tensor:
@@ -79,7 +61,7 @@ def _add_slots_setup(ctx, inputs, output):
 
 
 add_slots.register_autograd(_add_slots_backward, setup_context=_add_slots_setup)
-_traced_into(add_slots, _add_slots)
+traced_into(add_slots, _add_slots)
 
 
 def _scattered(values: Tensor, index: Tensor, rows, padding_rows: Tensor | None = None) -> Tensor:
@@ -126,7 +108,7 @@ def _gather_token_rows_setup(ctx, inputs, output):
 
 
 gather_token_rows.register_autograd(_gather_token_rows_backward, setup_context=_gather_token_rows_setup)
-_traced_into(gather_token_rows, _gather_token_rows)
+traced_into(gather_token_rows, _gather_token_rows)
 
 
 def _unsort_rows(rows: Tensor, row_of_slot: Tensor, slot_of_row: Tensor, padding_rows: Tensor | None = None) -> Tensor:
@@ -156,4 +138,4 @@ def _unsort_rows_setup(ctx, inputs, output):
 
 
 unsort_rows.register_autograd(_unsort_rows_backward, setup_context=_unsort_rows_setup)
-_traced_into(unsort_rows, _unsort_rows)
+traced_into(unsort_rows, _unsort_rows)

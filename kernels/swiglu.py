@@ -1,8 +1,8 @@
 """The SwiGLU activation with its routing weight, silu(gate) * up * w, as one op whose backward reads each row once.
 
 The grouped GEMM gives gate and up side by side, gu = [gate | up] (rows, 2 x intermediate); the rows are then scaled by
-their routing weight w (rows, 1) before the down projection (early_scale.py). Left to autograd, the backward is two
-kernels over the same inputs: the routing weight's gradient (a reduction over the intermediate dim) and the gate/up
+their routing weight w (rows, 1) before the down projection (passes/early_scale.py). Left to autograd, the backward is
+two kernels over the same inputs: the routing weight's gradient (a reduction over the intermediate dim) and the gate/up
 gradient, which Inductor writes as a pointwise `cat` over (rows, 2 x intermediate) that evaluates both halves'
 masked loads and silu in every element: 120 + 52 us at Qwen3-30B-A3B, 4096 tokens, H200, where the bytes take ~60.
 
@@ -10,23 +10,18 @@ masked loads and silu in every element: 120 + 52 us at Qwen3-30B-A3B, 4096 token
     swiglu_scaled_backward(gu, w, grad)        (d gu, d w): on CUDA one Triton program per row reads gate, up and
                                                the row's gradient once and writes both halves and w's gradient
 
-Both are custom ops whose bodies AOTAutograd traces into (as row_order.py's): the forward stays plain torch ops for
+Both are custom ops whose bodies AOTAutograd traces into (traced_bodies.py): the forward stays plain torch ops for
 Inductor to fuse, and the backward's Triton kernel is launched by Inductor's own code (no Python dispatch per call).
 Without CUDA or Triton the backward is the same formula in torch ops.
 """
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .ops import op_name
-from .row_order import _run_eagerly, _traced_into
+from .traced_bodies import run_eagerly, traced_into
 
 try:
     import triton
@@ -101,7 +96,7 @@ def _swiglu_scaled_backward(gu: Tensor, w: Tensor, grad: Tensor) -> tuple[Tensor
 @torch.library.custom_op("graph_moe::swiglu_scaled_backward", mutates_args=())
 def swiglu_scaled_backward(gu: Tensor, w: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     """(gradient of gu, gradient of w) of swiglu_scaled for the output gradient `grad`."""
-    return _run_eagerly(_swiglu_scaled_backward, gu, w, grad)
+    return run_eagerly(_swiglu_scaled_backward, gu, w, grad)
 
 
 def _backward(ctx, grad):
@@ -114,44 +109,8 @@ def _setup(ctx, inputs, output):
 
 
 swiglu_scaled.register_autograd(_backward, setup_context=_setup)
-_traced_into(swiglu_scaled, _swiglu_scaled)
-_traced_into(swiglu_scaled_backward, _swiglu_scaled_backward)
+traced_into(swiglu_scaled, _swiglu_scaled)
+traced_into(swiglu_scaled_backward, _swiglu_scaled_backward)
 
 
-def swiglu_input(h: fx.Node, w: fx.Node):
-    """(gu, the nodes from gu to h) when the rows `h`, just emitted and not used yet, are silu(gate) * up with
-    gate, up = gu.chunk(2, -1) (the laid-out gate+up GEMM's output, rows x 2 x inter) and w (rows, 1) scales them,
-    all in one float dtype; else None (the body stays as traced)."""
-    def single_use(n):
-        return isinstance(n, fx.Node) and len(n.users) == 1
-
-    if h.users or op_name(h) != "mul" or len(h.args) != 2 or h.kwargs:
-        return None
-    silu, up = h.args
-    if not (single_use(silu) and silu.target is F.silu and len(silu.args) == 1 and not silu.kwargs.get("inplace")):
-        return None
-    gate = silu.args[0]
-    if not (single_use(gate) and single_use(up) and gate.target is operator.getitem and up.target is operator.getitem
-            and gate.args[0] is up.args[0] and (gate.args[1], up.args[1]) == (0, 1)):
-        return None
-    halves = gate.args[0]
-    if not (isinstance(halves, fx.Node) and len(halves.users) == 2 and halves.op == "call_method"
-            and halves.target == "chunk"):
-        return None
-    chunks = halves.args[1] if len(halves.args) > 1 else halves.kwargs.get("chunks")
-    dim = halves.args[2] if len(halves.args) > 2 else halves.kwargs.get("dim", 0)
-    if not (chunks == 2 and dim in (-1, 1)):
-        return None
-    gu = halves.args[0]
-    values = [n.meta.get("example_value") for n in (gu, w, h)]
-    if any(not isinstance(v, torch.Tensor) for v in values):
-        return None
-    gu_val, w_val, h_val = values
-    if not (gu_val.dim() == 2 == w_val.dim() and gu_val.dtype == w_val.dtype == h_val.dtype
-            and gu_val.dtype.is_floating_point):
-        return None
-    rows, width = gu_val.shape
-    if not (isinstance(width, int) and width % 2 == 0 and statically_known_true(w_val.shape[0] == rows)
-            and w_val.shape[1] == 1):  # one weight per row: the kernel reads w[row]
-        return None
-    return gu, [h, silu, gate, up, halves]
+__all__ = ["swiglu_scaled", "swiglu_scaled_backward"]
