@@ -14,14 +14,13 @@ import re
 
 import torch.fx as fx
 
-from graph_moe.report import LoopReport
-
 from graph_moe.kernels import grouped_chunks
 
 from .emit_grouped import emit
 from .find_loops import LoopCandidate, find_loop_candidates
 from .ops import example_value, source_name
 from .prove_bodies import ProvenLoop, Unprovable, prove
+from .report import LoopReport
 from .traced_once import TraceEveryExpert, is_marker
 
 log = logging.getLogger("graph_moe")
@@ -128,4 +127,4 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
     return reports
 
 
-__all__ = ["rewrite_moe_loops", "TraceEveryExpert"]
+__all__ = ["rewrite_moe_loops", "TraceEveryExpert", "LoopReport"]

@@ -28,7 +28,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from graph_moe.kernels import grouped_chunks
 from graph_moe.passes.ops import example_value, source_name
-from graph_moe.report import GENERIC_HINT, hint_for, reset_counters
+from graph_moe.passes import report as pass_report
+from graph_moe.passes.report import GENERIC_HINT, hint_for
+from graph_moe.report import reset_counters
 from helpers import Recorder
 from moe_blocks import ACTIVATIONS, Expert, RangeMoE
 
@@ -818,7 +820,7 @@ def _skip_reasons() -> list[str]:
     passes/, the two `fail` helpers of prove_bodies.py with the prefix they add, and the `problem` strings of
     find_loops.py (set on the candidate, or returned by the routing check)."""
     reasons = []
-    for path in sorted(pathlib.Path(grouped_chunks.__file__).parent.glob("*.py")):
+    for path in sorted(pathlib.Path(pass_report.__file__).parent.glob("*.py")):  # every module of passes/
         tree = ast.parse(path.read_text())
         for cls in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
             prefix = {"_Matcher": "expert X differs from expert 0 at X vs X: ", "_RowCheck": "X (X): "}.get(cls.name)
@@ -851,7 +853,7 @@ def test_every_skip_reason_in_the_pass_has_a_hint():
     assert "the expert mask is not one_hot(expert ids)" in reasons and "index_add_ along dim X, not 0" in reasons
     assert len(reasons) >= 40, reasons  # the source was read: prove_bodies alone gives more than 30
     missing = [r for r in reasons if hint_for(r) == GENERIC_HINT]
-    assert not missing, f"reasons without a hint in graph_moe/report.py HINTS: {missing}"
+    assert not missing, f"reasons without a hint in passes/report.py HINTS: {missing}"
 
 
 @pytest.mark.parametrize("reason,words", [
