@@ -6,7 +6,7 @@ under CUDA graphs (mode="reduce-overhead"), each variant captured with its own k
 
 The layer is compiled with the op emitted wherever the weights are frozen (`_few_rows_op_fits` patched to ignore
 whether Inductor captures CUDA graphs, as the pass did when this ran first: commit 1b6b0b7). ms per call, each waited
-for and back to back (`graph_moe.bench._cuda_time`), forward and forward+backward (input gradient), frozen experts.
+for and back to back (`graph_moe.tools.bench_layer.cuda_time`), forward and forward+backward (input gradient), frozen experts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from graph_moe.bench import _cuda_time, benchmark_block, card_ceilings, graph_moe_block, roofline_ms
+from graph_moe.tools.bench_layer import cuda_time, benchmark_block, card_ceilings, graph_moe_block, roofline_ms
 from graph_moe.passes import emit_grouped
 from graph_moe.kernels import grouped_mm_few_rows as few
 
@@ -55,8 +55,8 @@ def _ab(label, fns, tokens, results, rounds=5):
         for _ in range(rounds):
             for variant, step in steps.items():
                 _use(variant)
-                times[variant]["waited"].append(_cuda_time(step, iters=10))
-                times[variant]["back_to_back"].append(_cuda_time(step, iters=10, back_to_back=True))
+                times[variant]["waited"].append(cuda_time(step, iters=10))
+                times[variant]["back_to_back"].append(cuda_time(step, iters=10, back_to_back=True))
         _use("triton")
         row[kind] = {v: {m: sorted(ts)[len(ts) // 2] for m, ts in t.items()} for v, t in times.items()}
         print(label, tokens, kind, row[kind], flush=True)

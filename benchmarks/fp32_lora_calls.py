@@ -4,7 +4,7 @@ tiles make them fast. On a GPU (the op's Triton kernels, kernels/grouped_op_cuda
     python benchmarks/fp32_lora_calls.py --layers 2 --tokens 2048 --json out.json
     python benchmarks/fp32_lora_calls.py --ab --layers 4 --json out.json
 
-Builds benchmarks/whole_model_compile.py's Qwen3-30B-A3B-shaped model with PEFT LoRA r=16 (float32 adapters, PEFT's
+Builds `graph-moe bench step`'s Qwen3-30B-A3B-shaped model with PEFT LoRA r=16 (float32 adapters, PEFT's
 default), compiles it with `graph_moe.compile`, and records every call of the op's two kernels in one training step:
 shapes, strides, time (each call waited for). Then, for every distinct call, times tile configs on copies of its
 operands (same strides, same offsets) against the bytes the call must move at the card's copy bandwidth.
@@ -23,16 +23,16 @@ import time
 import torch
 
 import graph_moe
-from graph_moe.bench import _cuda_time
+from graph_moe.tools.bench_layer import cuda_time
 from graph_moe.passes import emit_grouped
 from graph_moe.kernels import grouped_op_cuda as cuda_op
 
-from whole_model_compile import build, step  # noqa: E402  (run from benchmarks/ or with it on sys.path)
+from graph_moe.tools.bench_step import build_model, train_step
 
 
 def timed(fn, reps=20):
     """us per call, calls back to back."""
-    return 1e3 * _cuda_time(fn, warmup=1, iters=reps, back_to_back=True)
+    return 1e3 * cuda_time(fn, warmup=1, iters=reps, back_to_back=True)
 
 
 def copy_bandwidth():
@@ -66,7 +66,7 @@ def record(model, ids):
     try:
         with graph_moe.capture_settings():
             model.zero_grad(set_to_none=True)
-            step(model, ids)
+            train_step(model, ids)
     finally:
         cuda_op.grouped_rows, cuda_op.grouped_weight_grad = rows, weight_grad
     return calls
@@ -82,10 +82,10 @@ def ab(args, model, ids, steps=10):
     graph_moe.compile(before)
     input_key = emit_grouped._input_key
     with graph_moe.capture_settings():
-        step(model, ids)
+        train_step(model, ids)
         emit_grouped._input_key = emit_grouped._without_noop_casts  # one A factor per cast node, as before
         try:
-            step(before, ids)  # compiles without the fusion
+            train_step(before, ids)  # compiles without the fusion
         finally:
             emit_grouped._input_key = input_key
         times = {"before": [], "after": []}
@@ -93,7 +93,7 @@ def ab(args, model, ids, steps=10):
             for name, m in (("before", before), ("after", model)):
                 m.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                step(m, ids)
+                train_step(m, ids)
                 times[name].append(1e3 * (time.perf_counter() - start))
     result = {f"step_ms_{k}": sorted(v)[len(v) // 2] for k, v in times.items()}
     result["steps_ms"] = times
@@ -147,9 +147,9 @@ def main():
     p.add_argument("--ab", action="store_true", help="the A factors' fusion against its absence (see above)")
     p.add_argument("--json")
     args = p.parse_args()
-    args.vocab, args.num_experts, args.hidden, args.intermediate = 4096, 128, 2048, 768
+    args.vocab, args.num_experts, args.top_k, args.hidden, args.intermediate = 4096, 128, 8, 2048, 768
     args.device, args.experts, args.qwen3_attention, args.bf16_adapters = "cuda", "lora", True, False
-    model = build(args)
+    model = build_model(args)
     ids = torch.randint(0, args.vocab, (1, args.tokens), device="cuda")
     if args.ab:
         result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
@@ -161,7 +161,7 @@ def main():
         return
     graph_moe.compile(model)
     with graph_moe.capture_settings():
-        step(model, ids)  # compile
+        train_step(model, ids)  # compile
     calls = record(model, ids)
     bandwidth = copy_bandwidth()
     distinct = {}

@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from graph_moe.bench import benchmark_block, block_variant, graph_moe_block
+from graph_moe.tools.bench_layer import benchmark_block, block_variant, graph_moe_block
 
 
 def relative_error(a, b) -> float:

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from graph_moe.bench import _cuda_time, benchmark_block, graph_moe_and_peer, layer_step
+from graph_moe.tools.bench_layer import cuda_time, benchmark_block, graph_moe_and_peer, layer_step
 
 
 def gaps(trace_path, steps, min_gap_us=10.0):
@@ -55,7 +55,7 @@ def main():
                 step = layer_step(fn, x, g, backward)
                 row = {"variant": name, "tokens": tokens, "step": "fwd_bwd" if backward else "fwd"}
                 for iters in (5, 20, 50):
-                    row[f"back_to_back_{iters}_ms"] = _cuda_time(step, iters=iters, back_to_back=True)
+                    row[f"back_to_back_{iters}_ms"] = cuda_time(step, iters=iters, back_to_back=True)
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(5):

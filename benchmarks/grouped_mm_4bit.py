@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from graph_moe.bench import _cuda_time
+from graph_moe.tools.bench_layer import cuda_time
 from graph_moe.kernels import grouped_mm_4bit as op
 
 CONFIGS = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
@@ -26,7 +26,7 @@ CHUNK_MB = [op.CHUNK_BYTES // 2**20, 128, 1024]
 
 def _time_ms(fn):
     """ms per call, 20 calls back to back (GPU time), the median of 5 such runs."""
-    return sorted(_cuda_time(fn, warmup=1, iters=20, back_to_back=True) for _ in range(5))[2]
+    return sorted(cuda_time(fn, warmup=1, iters=20, back_to_back=True) for _ in range(5))[2]
 
 
 def _peak_mb(fn):

@@ -24,7 +24,7 @@ import torch
 
 import graph_moe
 from graph_moe import layout_check
-from graph_moe.model_zoo import make_config
+from graph_moe.tools.model_zoo import make_config
 
 
 def measure(experts: str, num_experts: int, device: str, way: str) -> dict:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from graph_moe.bench import benchmark_block, graph_moe_and_peer, layer_step
+from graph_moe.tools.bench_layer import benchmark_block, graph_moe_and_peer, layer_step
 
 
 def median_ms(times):

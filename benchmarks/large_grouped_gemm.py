@@ -21,13 +21,13 @@ import json
 
 import torch
 
-from graph_moe.bench import _cuda_time
+from graph_moe.tools.bench_layer import cuda_time
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 2, 4096, 14336
 
 
 def _time_ms(fn):
-    return sorted(_cuda_time(fn, warmup=3, iters=10, back_to_back=True) for _ in range(3))[1]
+    return sorted(cuda_time(fn, warmup=3, iters=10, back_to_back=True) for _ in range(3))[1]
 
 
 def main():

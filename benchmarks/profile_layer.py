@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from graph_moe.bench import SHAPES, benchmark_block, block_variant, graph_moe_block, grouped_reference
+from graph_moe.tools.bench_layer import SHAPES, benchmark_block, block_variant, graph_moe_block, grouped_reference
 
 
 def main():

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from graph_moe.bench import _cuda_time
+from graph_moe.tools.bench_layer import cuda_time
 from graph_moe.kernels.triton_grouped_mm import run_groups
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 128, 8, 2048, 768
@@ -28,7 +28,7 @@ PROGRAMS_PER_SM = (2, 4)
 
 
 def _time_ms(fn):
-    return sorted(_cuda_time(fn, warmup=2, iters=20, back_to_back=True) for _ in range(3))[1]
+    return sorted(cuda_time(fn, warmup=2, iters=20, back_to_back=True) for _ in range(3))[1]
 
 
 def main():

@@ -1,11 +1,11 @@
-"""Per-layer GPU benchmark (same as `graph-moe bench`): graph_moe against the HF loop and grouped references.
+"""The benchmarks (same as `graph-moe bench`): `layer`, `compile`, `step`, `memory`, each with --help.
 
-    python examples/benchmark.py --shapes qwen3-30b-a3b --tokens 512 4096 16384 --lora --stacked
+    python examples/benchmark.py layer --shapes qwen3-30b-a3b --tokens 512 4096 16384 --lora --stacked
 """
 
 import sys
 
-from graph_moe.bench import main
+from graph_moe.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

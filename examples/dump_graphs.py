@@ -15,7 +15,7 @@ import argparse
 import torch
 import transformers as tf
 
-from graph_moe.dump import dump
+from graph_moe.tools.dump import dump
 
 
 def tiny_qwen3_moe(experts: int = 8, top_k: int = 2, layers: int = 2) -> torch.nn.Module:

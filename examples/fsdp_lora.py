@@ -40,7 +40,7 @@ from peft import LoraConfig, get_peft_model
 import graph_moe
 from graph_moe.stacked_adapters import split_stacked
 from graph_moe.stacked_experts import split_stacked_experts
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 
 LORA_TARGETS = ["gate_proj", "up_proj", "down_proj"]  # the expert projections (Qwen3-MoE has no dense MLP here)
 

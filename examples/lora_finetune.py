@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import graph_moe
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 
 
 def main():

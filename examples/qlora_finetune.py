@@ -18,7 +18,7 @@ import transformers as tf
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 import graph_moe
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 
 
 def main():

@@ -10,7 +10,7 @@ import logging
 import torch
 
 import graph_moe
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 
 
 def main():

@@ -24,7 +24,7 @@ def save_model_and_tokenizer(path, args):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
 
     model = build_model("qwen3_moe", layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                         intermediate=args.intermediate, vocab=args.vocab, dtype=torch.bfloat16, seed=0)

@@ -1,5 +1,5 @@
 import sys
 
-from graph_moe.cli import main
+from graph_moe.tools.cli import main
 
 sys.exit(main())

@@ -15,12 +15,14 @@ def test_help():
     """Every command's --help, in one fresh process (each launch costs seconds of imports)."""
     code = """
 import contextlib, io
-from graph_moe.cli import main
-for command in (["demo"], ["explain"], ["dump"], ["bench"], ["bench", "--compile-time"]):
+from graph_moe.tools.cli import main
+for command in (["demo"], ["explain"], ["dump"], ["bench"], ["bench", "layer"], ["bench", "compile"], ["bench", "step"],
+                ["bench", "memory"], ["bench", "--compile-time"]):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         main([*command, "--help"])
-    assert "usage: graph-moe" in out.getvalue(), (command, out.getvalue())
+    assert "usage: " + " ".join(["graph-moe", *command]).replace("--compile-time", "compile") in out.getvalue(), (
+        command, out.getvalue())
 print("ok")
 """
     proc = _run("-c", code)
@@ -61,11 +63,11 @@ print("ok")
 
 
 def test_bench_compile_time_runs_on_the_cpu(tmp_path):
-    """`graph-moe bench --compile-time` at a tiny shape on this CPU (aot_eager after the pass: Inductor's C++ compile
-    would take a minute): the JSON of every number, a table, the loops rewritten, and after the one dynamic recompile
-    at the first new sequence length, no more graphs."""
+    """`graph-moe bench compile` at a tiny shape on this CPU (aot_eager after the pass: Inductor's C++ compile
+    would take a minute): the JSON of every number under the run's facts, a table, the loops rewritten, and after
+    the one dynamic recompile at the first new sequence length, no more graphs."""
     out = tmp_path / "compile.json"
-    proc = _run("-m", "graph_moe", "bench", "--compile-time", "--layers", "2", "--variants", "graph_moe", "--experts",
+    proc = _run("-m", "graph_moe", "bench", "compile", "--layers", "2", "--variants", "graph_moe", "--experts",
                 "4", "--top-k", "2", "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--tokens", "16",
                 "--lengths", "3", "--device", "cpu", "--inner", "aot_eager", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,6 +75,8 @@ def test_bench_compile_time_runs_on_the_cpu(tmp_path):
 
     header, row = json.loads(out.read_text())
     assert header["card"] == "cpu" and row["layers"] == 2 and row["variant"] == "graph_moe"
+    assert header["command"].startswith("graph-moe bench compile --layers 2 --variants graph_moe")
+    assert header["commit"] and header["date"].endswith("+00:00") and header["torch"] and header["transformers"]
     assert row["loops_rewritten"] >= 1 and row["loops_skipped"] == 0
     assert row["compile_s"] > 0 and len(row["length_steps_s"]) == 3
     phases = row["first_compile_phases_s_total_max"]  # where the first compile went: Dynamo's trace among them
@@ -83,7 +87,8 @@ def test_bench_compile_time_runs_on_the_cpu(tmp_path):
 
 def test_bench_compile_time_runs_each_model_in_a_fresh_process(tmp_path):
     """Two models: each is timed in its own process (a compile leaves the next one warm), and the JSON holds both,
-    each with its process's warm-up time."""
+    each with its process's warm-up time, under the command as the user gave it (`--compile-time`: the form before
+    subcommands)."""
     out = tmp_path / "compile.json"
     proc = _run("-m", "graph_moe", "bench", "--compile-time", "--layers", "1", "--variants", "graph_moe", "dense",
                 "--experts", "4", "--top-k", "2", "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--tokens",
@@ -93,6 +98,7 @@ def test_bench_compile_time_runs_each_model_in_a_fresh_process(tmp_path):
 
     header, *rows = json.loads(out.read_text())
     assert header["each_in_a_fresh_process"] and header["frozen_mlp"] and header["experts"] == 4
+    assert header["command"].startswith("graph-moe bench compile --layers 1 --variants graph_moe dense")
     assert [row["variant"] for row in rows] == ["graph_moe", "dense"]
     assert all(row["compile_s"] > 0 and row["process_warm_up_s"] > 0 for row in rows)
     assert rows[0]["loops_rewritten"] >= 1 and rows[1]["loops_found"] == 0
@@ -114,10 +120,30 @@ def test_bench_compile_time_backend_variant_compiles_the_whole_model(tmp_path):
     assert row["loops_found"] == row["loops_rewritten"] == 2 and row["loops_traced_once"] == 0
 
 
+def test_bench_step_runs_on_the_cpu(tmp_path):
+    """`graph-moe bench step` at a tiny shape on this CPU: a whole model's LoRA training step under graph_moe.compile
+    against eager (the loss, every gradient compared), under the run's facts."""
+    out = tmp_path / "step.json"
+    proc = _run("-m", "graph_moe", "bench", "step", "--layers", "2", "--num-experts", "4", "--top-k", "2", "--hidden", "32",
+                "--intermediate", "32", "--vocab", "64", "--tokens", "16", "--device", "cpu", "--inner", "aot_eager",
+                "--experts", "lora", "--variants", "graph_moe", "--steps", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    record = json.loads(out.read_text())
+    assert record["card"] == "cpu" and record["command"].startswith("graph-moe bench step --layers 2")
+    assert [run["variant"] for run in record["runs"]] == ["graph_moe"]
+    for run in record["runs"]:
+        assert run["loops_rewritten"] >= 1 and run["loops_skipped"] == 0
+        assert not run["missing_grads"] and run["grads_compared"] > 0
+        assert abs(run["loss"] - record["eager_loss"]) < 1e-2
+    assert "| graph_moe |" in proc.stdout
+
+
 def test_bench_checks_each_variant_against_its_own_block():
-    """`graph-moe bench` checks each variant's output against the eager block it was built from. Session 13 found a
-    QLoRA variant compared with the frozen bf16 block (a 0.22 difference that was NF4 rounding + LoRA)."""
-    from graph_moe.bench import reference_kind
+    """`graph-moe bench layer` checks each variant's output against the eager block it was built from: a QLoRA variant
+    compared with the frozen bf16 block differs by NF4 rounding + LoRA (0.22), which would read as a wrong result."""
+    from graph_moe.tools.bench_layer import reference_kind
 
     kinds = {name: reference_kind(name) for name in (
         "graph_moe", "grouped_compiled", "hf_loop", "graph_moe_lora", "hf_loop_lora", "graph_moe_qlora",
@@ -133,7 +159,7 @@ def test_bench_variants_keep_their_own_dynamo_cache():
     import torch
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from graph_moe.bench import own_code
+    from graph_moe.tools.bench_layer import own_code
 
     def variant(scale):
         def first_output(x):
@@ -157,7 +183,7 @@ def test_bench_compiles_the_installed_module():
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    from graph_moe.bench import graph_moe_block
+    from graph_moe.tools.bench_layer import graph_moe_block
     from helpers import evaluated_guards
 
     guards = {}

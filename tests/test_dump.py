@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from graph_moe.dump import DumpIndex, count_calls, dump
+from graph_moe.tools.dump import DumpIndex, count_calls, dump
 from moe_blocks import RangeMoE
 from tiny_models import build
 

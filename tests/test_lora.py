@@ -49,7 +49,7 @@ def _lora_qwen3_matches_eager(rank: int, lora_alpha: int, intermediate: int, flo
     """A one-layer Qwen3-MoE (hidden 64) with bf16 LoRA (or PEFT's default float32 adapters) on every expert
     projection, compiled through graph_moe with its graphs kept: loss and every adapter gradient equal an eager
     copy's. Returns the kept graphs."""
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
     from helpers import Keep
 
     model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=intermediate, vocab=64)
@@ -101,7 +101,7 @@ def test_float32_adapters_under_autocast_take_the_grouped_gemms():
     """PEFT's default float32 adapters in a bf16 model under torch.autocast (the HF Trainer with bf16=True): the pass
     emits autocast's casts, so every projection runs on torch._grouped_mm (none on the fallback op), and loss and
     adapter gradients equal eager PEFT under the same autocast."""
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
     from helpers import Keep
 
     model = build_model("qwen3_moe", layers=1, experts=4, top_k=2, hidden=64, intermediate=64, vocab=64)

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
 
 import graph_moe
-from graph_moe.model_zoo import FAMILIES, build_model
+from graph_moe.tools.model_zoo import FAMILIES, build_model
 from helpers import loss_and_grads
 
 

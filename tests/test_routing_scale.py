@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import graph_moe
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 from helpers import Keep, Recorder, assert_close_bf16, check_model_rewritten
 from moe_blocks import RangeMoE
 

@@ -76,7 +76,7 @@ def _qlora_factory(tmp_path):
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
 
     # hidden and intermediate multiples of the 4-bit block size (64): the CPU lays out whole blocks only
     build_model("qwen3_moe", layers=4, experts=4, top_k=2, hidden=64, intermediate=128, vocab=64, seed=1

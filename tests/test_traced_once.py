@@ -70,7 +70,7 @@ def test_4bit_experts_traced_once_equal_bitsandbytes(tmp_path, traced):
     """QLoRA: NF4 experts (blocks whole, as the CPU layout needs) with LoRA on them, against bitsandbytes and PEFT."""
     import transformers as tf
 
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
     from graph_moe.stacked_adapters import split_stacked
     from helpers import assert_close_bf16, assert_grads_close
 

@@ -1,10 +1,10 @@
-"""Tiny transformers 4.x MoE causal LMs for tests (see graph_moe.model_zoo)."""
+"""Tiny transformers 4.x MoE causal LMs for tests (see graph_moe.tools.model_zoo)."""
 
 from __future__ import annotations
 
 import torch
 
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 

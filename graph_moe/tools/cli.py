@@ -1,4 +1,5 @@
-"""`graph-moe` (also `python -m graph_moe`): demo, explain, dump, bench."""
+"""`graph-moe` (also `python -m graph_moe`): demo, explain, dump, bench (tools/bench.py: layer, compile, step,
+memory)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _model_args(p: argparse.ArgumentParser, family="olmoe"):
 
 
 def _demo(args):
-    from graph_moe.demo import run_demo
+    from graph_moe.tools.demo import run_demo
 
     result = run_demo(args.model, tokens=args.tokens, layers=args.layers, experts=args.experts, top_k=args.top_k,
                       hidden=args.hidden, intermediate=args.intermediate, steps=args.steps, inner=args.inner,
@@ -34,7 +35,7 @@ def _explain(args):
     import torch
 
     import graph_moe
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
 
     model = build_model(args.model, layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                         intermediate=args.intermediate)
@@ -43,7 +44,7 @@ def _explain(args):
 
 
 def _dump(args):
-    from graph_moe.dump import dump_config
+    from graph_moe.tools.dump import dump_config
 
     index = dump_config(args.model, args.out, args.tokens, layers=args.layers, experts=args.experts,
                         top_k=args.top_k, hidden=args.hidden, intermediate=args.intermediate)
@@ -53,8 +54,8 @@ def _dump(args):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark has its own options (graph-moe bench --help)
-        from graph_moe.bench import main as bench_main
+    if argv[:1] == ["bench"]:  # the benchmarks have subcommands with options of their own (graph-moe bench --help)
+        from graph_moe.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="graph-moe", description="Rewrite Mixture-of-Experts loops into grouped "
@@ -78,8 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="graph_moe_dump", help="output folder")
     p.set_defaults(fn=_dump)
 
-    sub.add_parser("bench", help="per-layer GPU benchmark against the HF loop and grouped references "
-                   "(graph-moe bench --help)")
+    sub.add_parser("bench", help="benchmarks: layer, compile, step, memory (graph-moe bench --help)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "demo" else logging.WARNING,

@@ -1,10 +1,16 @@
-"""`graph-moe bench`: one MoE layer on the GPU, graph_moe against the HF loop and grouped references
-(`graph-moe bench --compile-time`: compile times, graph_moe/bench_compile.py).
+"""`graph-moe bench layer`: one MoE layer on the GPU, graph_moe against the HF loop and grouped references.
+
+    graph-moe bench layer                                    # Qwen3-30B-A3B shape at 512, 4096, 16384 tokens
+    graph-moe bench layer --tokens 4096 --lora --qlora       # LoRA and QLoRA experts beside the frozen ones
+    graph-moe bench layer --tokens 1 8 64 512 --mode reduce-overhead   # few tokens, CUDA graphs
+    graph-moe bench layer --shapes mixtral-8x7b olmoe-1b-7b --no-loop
 
 Per shape (E, top-k, hidden, intermediate) and token count: forward, and forward+backward with frozen
 experts (gradient for the input), in bf16; the roofline from this card's measured GEMM rate and copy
 bandwidth. Every variant is compiled first, then timed in interleaved rounds, each call both waited for and issued
-back to back (see `_cuda_time`). Results: a table on stdout and every number in a JSON file.
+back to back (see `cuda_time`). Results: a table on stdout and every number in a JSON record (its first row: the
+card's rates and bench_record.run_facts). Each variant's `_peak_gb` is the allocator's peak over one
+forward+backward with every variant's weights resident; `graph-moe bench memory` measures each variant alone.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import argparse
 import itertools
 import json
 import logging
+import sys
 import time
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from graph_moe.passes import RewriteSettings
+from graph_moe.tools.bench_record import run_facts
 
 log = logging.getLogger("graph_moe")
 
@@ -33,7 +43,7 @@ SHAPES = {  # name: (experts, top_k, hidden, intermediate)
 ROUNDS = 5  # timing rounds over all variants (run)
 
 
-def _cuda_time(fn, warmup=3, iters=10, back_to_back=False) -> float:
+def cuda_time(fn, warmup=3, iters=10, back_to_back=False) -> float:
     """ms per call of `fn`: the median of `iters` calls, each waited for (a lone layer: host time counts where the
     host is slower than the GPU); or, `back_to_back`, the mean of `iters` calls issued without waiting, as the
     layers of a deep model are (the host runs ahead while it is faster than the GPU: GPU time)."""
@@ -62,10 +72,10 @@ def _cuda_time(fn, warmup=3, iters=10, back_to_back=False) -> float:
 def card_ceilings() -> dict:
     """bf16 GEMM rate (8192^3) and device copy bandwidth (read + write) of this card."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = _cuda_time(lambda: a @ a)
+    ms = cuda_time(lambda: a @ a)
     x = torch.empty(1 << 30, device="cuda", dtype=torch.uint8)
     y = torch.empty_like(x)
-    copy_ms = _cuda_time(lambda: y.copy_(x))
+    copy_ms = cuda_time(lambda: y.copy_(x))
     return {"tflops": 2 * 8192 ** 3 / ms / 1e9, "copy_tbps": 2 * x.numel() / copy_ms / 1e9}
 
 
@@ -92,7 +102,7 @@ def hf_block(shape):
 
 
 def benchmark_block(shape_name: str = "qwen3-30b-a3b"):
-    """hf_block at a named shape, for the scripts in benchmarks/: Dynamo may recompile as often as their compiled
+    """hf_block at a named shape, for `graph-moe bench memory` and the scripts in benchmarks/: Dynamo may recompile as often as their compiled
     variants need (each compiles the same traceable forward, with and without an input gradient)."""
     torch._dynamo.config.recompile_limit = 64
     return hf_block(SHAPES[shape_name])
@@ -206,11 +216,11 @@ def first_output_module(block) -> nn.Module:
     return wrapper
 
 
-def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=True, low_memory_4bit=True,
-                    inner="inductor"):
+def graph_moe_block(block, mode=None, layout=True, stack_lora=True, settings=None, inner="inductor"):
     """A copy of `block` compiled as a model is (`torch.compile(model, backend=graph_moe.make_backend(...))`): the
     module compiled is the one given to graph_moe.install, so its layout checks run in plain Python around each call
-    (layout_check.watch), not as Dynamo guards."""
+    (layout_check.watch), not as Dynamo guards. settings: the rewrite's graph_moe.RewriteSettings (default: its
+    defaults)."""
     import copy
 
     import graph_moe
@@ -219,7 +229,7 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, router_topk=
     model = first_output_module(ours)
     report = graph_moe.install(model, layout=layout, stack_lora=stack_lora)
     log.info("graph_moe.install: %s", "; ".join(sorted({b.weights for b in report.blocks})))
-    backend = graph_moe.make_backend(inner, mode=mode, router_topk=router_topk, low_memory_4bit=low_memory_4bit)
+    backend = graph_moe.make_backend(inner, mode=mode, settings=settings)
     compiled = torch.compile(model, backend=backend)
 
     def forward(hidden):
@@ -275,8 +285,8 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         variants["graph_moe"] = graph_moe_block(block, mode)
         if autotune:  # Inductor's Triton GEMM templates (torch._grouped_mm's included) against ATen's, benchmarked
             variants["graph_moe_autotune"] = graph_moe_block(block, "max-autotune-no-cudagraphs")
-        if torch_topk:  # ATen's top-k for the router, not graph_moe's kernel (passes/router_topk.py)
-            variants["graph_moe_torch_topk"] = graph_moe_block(block, mode, router_topk=False)
+        if torch_topk:  # ATen's top-k for the router, not graph_moe's kernel (kernels/router_topk.py)
+            variants["graph_moe_torch_topk"] = graph_moe_block(block, mode, settings=RewriteSettings(router_topk=False))
         if stacked:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
         if with_loop:
@@ -293,9 +303,10 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
         if qlora:
             qlora_block = with_lora(with_nf4(block))
-            # the 4-bit experts dequantized a few at a time (passes/grouped_mm_4bit.py), and whole stacks at once
+            # the 4-bit experts dequantized a few at a time (kernels/grouped_mm_4bit.py), and whole stacks at once
             variants["graph_moe_qlora"] = graph_moe_block(qlora_block, mode)
-            variants["graph_moe_qlora_whole_stacks"] = graph_moe_block(qlora_block, mode, low_memory_4bit=False)
+            whole_stacks = RewriteSettings(low_memory_4bit=False)
+            variants["graph_moe_qlora_whole_stacks"] = graph_moe_block(qlora_block, mode, settings=whole_stacks)
             if stacked:
                 variants["graph_moe_per_expert_qlora"] = graph_moe_block(qlora_block, mode, stack_lora=False)
             if with_loop:
@@ -344,7 +355,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                     for kind, fn_ in step.items():
                         for suffix, b2b in (("", False), ("_back_to_back", True)):
                             samples.setdefault(f"{vname}_{kind}_ms{suffix}", []).append(
-                                _cuda_time(fn_, warmup=1, iters=5, back_to_back=b2b))
+                                cuda_time(fn_, warmup=1, iters=5, back_to_back=b2b))
             row.update({key: sorted(v)[len(v) // 2] for key, v in samples.items()})
             for vname in steps:
                 log.info("%s %d tokens %s: fwd %.3f ms, fwd+bwd %.3f ms", name, tokens, vname,
@@ -359,7 +370,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
 # A variant further than this (times the largest output) from its eager block is suspect. At the Qwen3-30B-A3B shape
 # the largest output is ~0.85 and bf16 implementations on the same router differ by 0.006-0.012; a bf16 layer against
 # its fp32 self, whose routing flips near ties, by 12% (CPU, 1024 tokens); NF4 + LoRA against the frozen bf16 block
-# (session 13's mislabelled check) by ~25%.
+# (a check once run against the wrong block) by ~25%.
 DIFF_WARNING = 0.10
 
 
@@ -414,15 +425,9 @@ def _variants(rows):
 
 
 def main(argv=None) -> int:
-    argv = list(argv) if argv is not None else None
-    if argv and argv[0] == "--compile-time":  # its own options: graph-moe bench --compile-time --help
-        from graph_moe.bench_compile import main as compile_time_main
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-        return compile_time_main(argv[1:])
-    p = argparse.ArgumentParser(prog="graph-moe bench", description=__doc__,
-                                epilog="graph-moe bench --compile-time [--help]: compile time of 1- and 4-layer models "
-                                "and the recompiles over new sequence lengths (CPU or GPU)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="graph-moe bench layer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"], choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 4096, 16384])
     p.add_argument("--no-loop", action="store_true", help="skip the HF loop (slow)")
@@ -442,10 +447,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the benchmark needs a CUDA GPU")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    facts = run_facts("layer", argv, "cuda")
+
     def write(results):
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump([{**results[0], **facts}, *results[1:]], f, indent=1)
 
     results = run(args.shapes, args.tokens, with_loop=not args.no_loop, stacked=args.stacked, lora=args.lora,
                   qlora=args.qlora, mode=args.mode, unsloth=args.unsloth, only=args.only, autotune=args.autotune,

@@ -1,10 +1,10 @@
-"""`graph-moe bench --compile-time`: compile time of a training step (forward + backward), caches off, graph_moe
+"""`graph-moe bench compile`: compile time of a training step (forward + backward), caches off, graph_moe
 against Inductor on the unrolled expert loop and against the same model with dense MLPs; then the graphs compiled
 over new sequence lengths. compile_s = first step - second step (same shapes), after one small compile that pays the
 process's own start-up (Inductor's compile workers, imports, the CUDA context) so that no variant carries it.
 
-    graph-moe bench --compile-time                                  # 1 and 4 layers, Qwen3-30B-A3B layer shape
-    graph-moe bench --compile-time --layers 24 --variants graph_moe dense --frozen-mlp
+    graph-moe bench compile                                  # 1 and 4 layers, Qwen3-30B-A3B layer shape
+    graph-moe bench compile --layers 24 --variants graph_moe dense --frozen-mlp
 
 Variants (each on a fresh model in a fresh process unless --same-process, Inductor's caches off):
 - graph_moe: `graph_moe.compile(model)`: install, regional compile of each decoder layer; frozen experts (laid out)
@@ -39,7 +39,8 @@ import time
 import torch
 
 import graph_moe
-from graph_moe.model_zoo import make_config
+from graph_moe.tools.bench_record import run_facts
+from graph_moe.tools.model_zoo import make_config
 
 log = logging.getLogger("graph_moe")
 
@@ -128,8 +129,8 @@ def table(header: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _each_in_a_fresh_process(args, runs, tqdm) -> int:
-    """Run `graph-moe bench --compile-time` once per (layers, variant), each in its own process, and merge the JSON."""
+def _each_in_a_fresh_process(args, runs, tqdm, facts: dict) -> int:
+    """Run `graph-moe bench compile` once per (layers, variant), each in its own process, and merge the JSON."""
     options = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
                if name not in ("json", "variants", "layers", "same_process", "frozen_mlp")]
     options += ["--frozen-mlp"] if args.frozen_mlp else []
@@ -137,12 +138,13 @@ def _each_in_a_fresh_process(args, runs, tqdm) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for layers, variant in tqdm(runs, desc="compile time (a process each)", unit="model"):
             out = os.path.join(tmp, "run.json")
-            command = [sys.executable, "-m", "graph_moe", "bench", "--compile-time", *options, "--variants", variant,
+            command = [sys.executable, "-m", "graph_moe", "bench", "compile", *options, "--variants", variant,
                        "--layers", str(layers), "--json", out]
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             with open(out) as f:
                 child_header, row = json.load(f)
-            header = header or {k: v for k, v in child_header.items() if k != "process_warm_up_s"}
+            # the children's facts but this command's line
+            header = header or {**{k: v for k, v in child_header.items() if k != "process_warm_up_s"}, **facts}
             results.append({**row, "process_warm_up_s": child_header["process_warm_up_s"]})
             log.info("%s", json.dumps(results[-1]))
             with open(args.json, "w") as f:
@@ -152,7 +154,8 @@ def _each_in_a_fresh_process(args, runs, tqdm) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="graph-moe bench --compile-time", description=__doc__,
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="graph-moe bench compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["graph_moe", "unrolled", "dense"],
                    choices=["graph_moe", "graph_moe_every_body", "graph_moe_stacked", "backend", "backend_shared",
@@ -178,11 +181,11 @@ def main(argv=None) -> int:
 
     runs = [(layers, variant) for layers in args.layers for variant in args.variants]
     if len(runs) > 1 and not args.same_process:
-        return _each_in_a_fresh_process(args, runs, tqdm)
+        return _each_in_a_fresh_process(args, runs, tqdm, run_facts("compile", argv, args.device))
     torch.compiler.config.force_disable_caches = True
     torch._dynamo.config.recompile_limit = 64
     header = {**{k: v for k, v in vars(args).items() if k not in ("json", "variants", "layers", "same_process")},
-              "torch": torch.__version__, "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              **run_facts("compile", argv, args.device),
               "process_warm_up_s": warm_up_process(args)}
     results = []
     for layers, variant in tqdm(runs, desc="compile time", unit="model"):

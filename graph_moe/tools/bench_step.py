@@ -1,8 +1,10 @@
-"""A Qwen3-30B-A3B-shaped model compiled whole (`torch.compile(model, backend=graph_moe.backend)`, as the HF Trainer's
-`torch_compile` does), with and without `install(model, shared_block_trace=True)`, against `graph_moe.compile` and
-eager: the first step's time (compile), the training step after it, and the loss and gradients against eager.
+"""`graph-moe bench step`: a whole model's training step. A Qwen3-30B-A3B-shaped model compiled whole
+(`torch.compile(model, backend=graph_moe.backend)`, as the HF Trainer's `torch_compile` does), with and without
+`install(model, shared_block_trace=True)`, against `graph_moe.compile` and eager: the first step's time (compile),
+the training step after it, and the loss and gradients against eager.
 
-    python benchmarks/whole_model_compile.py --layers 4 --tokens 2048 --experts lora --json out.json
+    graph-moe bench step --layers 4 --tokens 2048 --experts lora --json out.json
+    graph-moe bench step --variants graph_moe backend --qwen3-attention --bf16-adapters
 
 Each variant runs on its own copy of one model (random weights, bf16, on the GPU), Inductor's caches off. Experts are
 frozen (`--experts frozen`) or carry PEFT LoRA r=16 on gate/up/down (`lora`; PEFT's float32 adapters unless
@@ -16,23 +18,28 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import os
 import time
+import sys
 from unittest import mock
 
 import torch
 
 import graph_moe
 from graph_moe import layout_check
-from graph_moe.layout import _TENSOR_GUARD_SHORTCUTS
-from graph_moe.model_zoo import make_config
 from graph_moe.stacked_adapters import split_stacked
+from graph_moe.tools.bench_record import run_facts
+from graph_moe.tools.model_zoo import make_config
+
+log = logging.getLogger("graph_moe")
 
 
-def build(args):
+def build_model(args):
+    """The benchmark's model, on `args.device` in bf16, from the options of `graph-moe bench step`."""
     import transformers as tf
 
-    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=8, hidden=args.hidden,
+    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k, hidden=args.hidden,
                          intermediate=args.intermediate, vocab=args.vocab)
     if args.qwen3_attention:  # Qwen3-30B-A3B's attention (make_config's 4 heads of hidden / 4 suit tiny models)
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = 32, 4, 128
@@ -52,7 +59,8 @@ def build(args):
     return model
 
 
-def step(model, ids):
+def train_step(model, ids):
+    """One forward+backward on `ids` as labels; the loss, after the GPU finished."""
     out = model(input_ids=ids, labels=ids, use_cache=False)
     out.loss.backward()
     if out.loss.is_cuda:
@@ -65,85 +73,84 @@ def grads(model):
     return split_stacked({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="graph-moe bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--num-experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--experts", choices=["frozen", "lora"], default="lora")
     p.add_argument("--qwen3-attention", action="store_true",
-                   help="32 heads, 4 KV heads, head_dim 128 (session 16's runs had 4 heads of 512)")
+                   help="Qwen3-30B-A3B's attention: 32 heads, 4 KV heads, head_dim 128 (without it: 4 heads of "
+                        "hidden / 4)")
     p.add_argument("--bf16-adapters", action="store_true",
                    help="LoRA adapters in the model's bf16 (PEFT's default keeps them in float32)")
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
                    choices=["backend", "backend_shared", "backend_dynamo_guards", "graph_moe",
-                            "graph_moe_dynamo_guards", "graph_moe_torch_shortcuts"],
-                   help="*_dynamo_guards: the layout's per-expert facts guarded by Dynamo instead of checked in "
-                        "plain Python (graph_moe/layout_check.py; the code before session 19 for backend, before "
-                        "session 18 for graph_moe); "
-                        "graph_moe_torch_shortcuts: that, with torch's own guard shortcuts left as they are (the code "
-                        "before session 18: on torch 2.10-2.11 it misses an expert weight unfrozen after compiling)")
+                            "graph_moe_dynamo_guards"],
+                   help="backend: graph_moe.backend on the whole model; backend_shared: the same after "
+                        "install(shared_block_trace=True); graph_moe: graph_moe.compile (a region per decoder layer); "
+                        "*_dynamo_guards: the layout's per-expert facts guarded by Dynamo instead of checked in plain "
+                        "Python around each call (graph_moe/layout_check.py switched off): what that check saves")
+    p.add_argument("--inner", default="inductor", help="the compiler after the pass: inductor, or aot_eager / eager "
+                   "(quick runs on the CPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after the first; the median is reported")
     p.add_argument("--profile", help="write a torch.profiler table of two steps per variant into this folder")
-    p.add_argument("--json")
-    args = p.parse_args()
+    p.add_argument("--json", default="bench_step.json")
+    args = p.parse_args(argv)
     torch.compiler.config.force_disable_caches = True
-    base = build(args)
+    base = build_model(args)
     ids = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
     eager = copy.deepcopy(base)
-    reference_loss = step(eager, ids)
+    reference_loss = train_step(eager, ids)
     reference = grads(eager)
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
-               "layers": args.layers,
-               "tokens": args.tokens, "experts": args.experts,
-               "adapters": "bf16" if args.bf16_adapters else "float32", "eager_loss": reference_loss.item(), "runs": []}
+    results = {**run_facts("step", argv, args.device), "layers": args.layers, "tokens": args.tokens,
+               "num_experts": args.num_experts, "experts": args.experts, "adapters": "bf16" if args.bf16_adapters else "float32",
+               "eager_loss": reference_loss.item(), "runs": []}
     del eager
-    shortcuts = {name: getattr(torch._dynamo.config, name) for name in _TENSOR_GUARD_SHORTCUTS
-                 if hasattr(torch._dynamo.config, name)}
     for variant in args.variants:
         torch._dynamo.reset()
         graph_moe.report.reset_counters()
-        for name, value in shortcuts.items():
-            setattr(torch._dynamo.config, name, value)  # each variant starts from torch's defaults
         patches = contextlib.ExitStack()  # patches applied now, undone after the variant
-        if variant in ("backend_dynamo_guards", "graph_moe_dynamo_guards", "graph_moe_torch_shortcuts"):
+        if variant.endswith("_dynamo_guards"):  # no plain-Python layout check: the traced forward guards the facts
             patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
             patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
-        if variant == "graph_moe_torch_shortcuts":
-            patches.enter_context(mock.patch("graph_moe.install.keep_tensor_guards", lambda: None))
         model = copy.deepcopy(base)
         if variant.startswith("graph_moe"):
-            graph_moe.compile(model)
+            graph_moe.compile(model, inner=args.inner)
             call = model
         else:
             graph_moe.install(model, shared_block_trace=variant == "backend_shared")
-            call = torch.compile(model, backend=graph_moe.backend)
+            call = torch.compile(model, backend=graph_moe.make_backend(args.inner))
         start = time.perf_counter()
         with graph_moe.capture_settings(), patches:
-            loss = step(call, ids)
+            loss = train_step(call, ids)
             first = time.perf_counter() - start
             got = grads(model)
             errors = {n: ((got[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in reference.items()}
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             times = []
-            for _ in range(5):
+            for _ in range(args.steps):
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                step(call, ids)
+                train_step(call, ids)
                 times.append(time.perf_counter() - start)
             if args.profile:
                 os.makedirs(args.profile, exist_ok=True)
                 with torch.profiler.profile() as prof:
                     for _ in range(2):
                         model.zero_grad(set_to_none=True)
-                        step(call, ids)
+                        train_step(call, ids)
                 with open(os.path.join(args.profile, f"{variant}.txt"), "w") as f:
                     for key in ("self_cuda_time_total", "self_cpu_time_total"):
                         f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
-        run = {"variant": variant, "first_step_s": first, "step_ms": 1e3 * sorted(times)[2],
+        run = {"variant": variant, "first_step_s": first, "step_ms": 1e3 * sorted(times)[len(times) // 2],
                "loss": loss.item(), "grads_compared": len(errors), "missing_grads": sorted(set(reference) - set(got)),
                "graphs_compiled_after_first_step": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
                "max_grad_rel_err": max(errors.values()),
@@ -153,12 +160,21 @@ def main():
                "median_grad_rel_err": sorted(errors.values())[len(errors) // 2],
                **graph_moe.counter_snapshot()}
         results["runs"].append(run)
-        print(json.dumps(run), flush=True)
+        log.info("%s", json.dumps(run))
         del model, call
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        with open(args.json, "w") as f:  # kept after every variant: a run stopped early keeps what it measured
+            json.dump(results, f, indent=1)
+    print(table(results))
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def table(results: dict) -> str:
+    lines = [f"{results['card']}, torch {results['torch']}; {results['layers']} layers, {results['tokens']} tokens, "
+             f"{results['num_experts']} experts ({results['experts']}, {results['adapters']} adapters if LoRA); eager loss "
+             f"{results['eager_loss']:.5f}",
+             "| variant | first step (compile), s | step, ms | loss | median grad rel. error | graphs after step 1 |",
+             "|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['variant']} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | {r['loss']:.5f} | "
+                     f"{r['median_grad_rel_err']:.3g} | {r['graphs_compiled_after_first_step']} |")
+    return "\n".join(lines)

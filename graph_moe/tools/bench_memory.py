@@ -1,6 +1,7 @@
-"""Peak GPU memory of one MoE layer's forward+backward, and what is alive at the peak.
+"""`graph-moe bench memory`: peak GPU memory of one MoE layer's forward+backward, and what is alive at the peak.
 
-    python benchmarks/peak_memory.py --variants graph_moe_qlora hf_loop_qlora --tokens 4096
+    graph-moe bench memory --variants graph_moe_frozen hf_loop_frozen graph_moe_lora hf_loop_lora --tokens 16384
+    graph-moe bench memory --variants graph_moe_qlora graph_moe_qlora_whole_stacks hf_loop_qlora --tokens 4096
 
 For each variant: the transient peak (max allocated during a forward+backward minus what was allocated before it,
 so resident weights of other variants do not count), and with `--snapshot` the largest blocks alive at the peak with
@@ -14,16 +15,30 @@ before the variant was built): for a CUDA-graph variant its pools and the blocks
 warm-up; for an eager variant its cache, at least its transient peak and more where its allocations fragment the
 cache (the HF loop's: 3.9 GB against a 0.74 GB peak).
 
-    python benchmarks/peak_memory.py --variants graph_moe_qlora hf_loop_qlora --mode reduce-overhead
+    graph-moe bench memory --variants graph_moe_qlora hf_loop_qlora --mode reduce-overhead
+
+(`graph-moe bench layer` records a peak too, `<variant>_peak_gb`: with every variant's weights resident.)
 """
+
+from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 
 import torch
 
-from graph_moe.bench import SHAPES, benchmark_block, block_variant, graph_moe_block
+from graph_moe.passes import RewriteSettings
+from graph_moe.tools.bench_layer import SHAPES, benchmark_block, block_variant, graph_moe_block
+from graph_moe.tools.bench_record import run_facts
+
+log = logging.getLogger("graph_moe")
+# graph_moe compiled or the HF loop eager, on frozen bf16 experts, LoRA r=16 on them, or NF4 experts + LoRA (QLoRA);
+# `_whole_stacks`: graph_moe with low_memory_4bit=False
+VARIANTS = [f"{way}_{kind}" for kind in ("frozen", "lora", "qlora") for way in ("graph_moe", "hf_loop")]
+VARIANTS.append("graph_moe_qlora_whole_stacks")
 
 
 def make_variant(name, block, mode=None):
@@ -33,7 +48,7 @@ def make_variant(name, block, mode=None):
     module = block_variant(name.rsplit("_", 1)[-1] if name.endswith("lora") else "frozen", block)
     if name.startswith("hf_loop"):
         return (lambda x: module(x)[0]), module
-    fn = graph_moe_block(module, mode=mode, low_memory_4bit=low_memory)
+    fn = graph_moe_block(module, mode=mode, settings=RewriteSettings(low_memory_4bit=low_memory))
     return fn, fn.module
 
 
@@ -62,18 +77,22 @@ def live_at_peak(snapshot, top=12):
     return {"traced_peak_gb": best / 1e9, "largest_live": rows}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["graph_moe_qlora", "graph_moe_qlora_whole_stacks", "hf_loop_qlora"])
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="graph-moe bench memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   default=["graph_moe_qlora", "graph_moe_qlora_whole_stacks", "hf_loop_qlora"])
     p.add_argument("--shape", default="qwen3-30b-a3b", choices=list(SHAPES))
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--snapshot", action="store_true", help="also list the largest blocks alive at the peak")
     p.add_argument("--mode", default=None, help="torch.compile mode of the graph_moe variants (reduce-overhead)")
-    p.add_argument("--json", default="peak_memory.json")
-    args = p.parse_args()
+    p.add_argument("--json", default="bench_memory.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("the benchmark needs a CUDA GPU")
     block = benchmark_block(args.shape)
-    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
-               "mode": args.mode}
+    results = {**run_facts("memory", argv, "cuda"), "shape": args.shape, "tokens": args.tokens, "mode": args.mode}
     for name in args.variants:
         torch.cuda.empty_cache()
         fn, module = make_variant(name, block, args.mode)
@@ -107,12 +126,22 @@ def main():
             torch.cuda.memory._record_memory_history(enabled=None)
             row.update(live_at_peak(snap))
         results[name] = row
-        print(name, json.dumps(row, indent=1), flush=True)
+        log.info("%s %s", name, json.dumps(row))
         fn = module = None  # free this variant before the next
         torch.cuda.empty_cache()
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+        with open(args.json, "w") as f:  # kept after every variant: a run stopped early keeps what it measured
+            json.dump(results, f, indent=1)
+    print(table(results, args.variants))
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def table(results: dict, variants: list[str]) -> str:
+    lines = [f"{results['card']}, torch {results['torch']}; {results['shape']}, {results['tokens']} tokens, "
+             f"mode {results['mode']}; GB",
+             "| variant | transient peak of forward+backward | CUDA graph pools | held beyond live tensors |",
+             "|---|---|---|---|"]
+    for name in variants:
+        r = results[name]
+        lines.append(f"| {name} | {r['transient_peak_gb']:.2f} | {r['graph_pools_gb']:.2f} | "
+                     f"{r['held_beyond_live_gb']:.2f} |")
+    return "\n".join(lines)

@@ -339,9 +339,9 @@ def dump_config(config_name_or_path: str, out_dir: str | Path, tokens: int = 64,
 
     config_name_or_path: a family ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe"), mapped to a tiny config, or a
         path to a config.json (its sizes are used as they are: pick a small one).
-    sizes: layers, experts, top_k, hidden, intermediate, vocab (see graph_moe.model_zoo.make_config).
+    sizes: layers, experts, top_k, hidden, intermediate, vocab (see graph_moe.tools.model_zoo.make_config).
     """
-    from graph_moe.model_zoo import build_model
+    from graph_moe.tools.model_zoo import build_model
 
     model = build_model(config_name_or_path, dtype=torch.bfloat16, seed=seed, **sizes).eval()
     gen = torch.Generator().manual_seed(seed)

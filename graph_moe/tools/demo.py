@@ -10,7 +10,7 @@ import time
 import torch
 
 import graph_moe
-from graph_moe.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model
 from graph_moe.report import counter_snapshot, reset_counters
 
 log = logging.getLogger("graph_moe")
