@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graph_moe import layout_check
-from graph_moe.families import FAMILIES, TRACEABLE_FORWARDS, is_moe_candidate, unsupported_reason
+from graph_moe.families import TRACEABLE_FORWARDS, family_of, is_moe_candidate, transformers5, unsupported_reason
 from graph_moe.families.transformers5 import WRAPPER_FORWARDS
 from graph_moe.layout import attach_adapters, keep_tensor_guards, lay_out, remove_layout, usable_layout
 from graph_moe.shared_trace import can_share, shared, traceable
@@ -84,7 +84,7 @@ def _forward_replaced(block: nn.Module) -> bool:
 
 def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | None = None,
             layout: bool = True, stack_lora: bool = True, stack_experts: bool = False,
-            shared_block_trace: bool = False) -> InstallReport:
+            shared_block_trace: bool = False, keep_transformers_grouped: bool = False) -> InstallReport:
     """Install traceable forwards on every supported MoE block of `model` for which `filter_fn(path, block)` holds.
 
     Idempotent, and safe after PEFT wrapping: blocks are found wherever they sit in `model.named_modules()`.
@@ -100,6 +100,10 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     shared_block_trace: for a model compiled whole (`torch.compile(model, backend=graph_moe.backend)`, the HF
         Trainer's torch_compile): Dynamo traces the MoE blocks of one kind once, not once per layer
         (graph_moe/shared_trace.py). `graph_moe.compile` needs it not. Each install sets it as asked.
+    keep_transformers_grouped: leave transformers 5.x experts modules that run transformers' own grouped forward
+        (experts_implementation "grouped_mm", the default, or "batched_mm") as they are. By default graph_moe takes
+        them over, as it takes over "eager" ones (families/transformers5.py); the report's form column says which
+        implementation each replaced.
     """
     report = InstallReport()
     newly_stacked = experts_stacked = unshared = 0
@@ -107,11 +111,13 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
     for path, block in model.named_modules():
         if not is_moe_candidate(block) or (filter_fn is not None and not filter_fn(path, block)):
             continue
-        family = FAMILIES.get(type(block).__name__)
+        family = family_of(block)
+        five = family is transformers5.FAMILY
         entry = BlockEntry(
             path=path,
             class_name=type(block).__name__,
-            form=family.form if family else None,
+            # for a 5.x experts module: the experts_implementation it ran
+            form=transformers5.implementation(block) if five else family.form if family else None,
             num_experts=_first_int(block, ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")),
             top_k=_first_int(block, ("top_k", "num_experts_per_tok", "moe_top_k", "moe_topk")),
             status="installed",
@@ -121,6 +127,8 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             entry.status = "already installed"
         elif reason is not None:
             entry.status = f"not supported: {reason}"
+        elif five and keep_transformers_grouped and entry.form in transformers5.TRANSFORMERS_GROUPED:
+            entry.status = f"left: experts_implementation={entry.form!r} kept (keep_transformers_grouped=True)"
         elif _forward_replaced(block):
             # Someone else (an accelerate hook, Unsloth's grouped forward) owns this instance's forward.
             entry.status = "not supported: forward already replaced on the instance"

@@ -1,7 +1,8 @@
 """Traceable forwards for transformers' MoE block classes, one module per group of families.
 
 Each module defines `FAMILIES: {class name: Family}`; this package merges them. Classes are looked up by NAME,
-so Unsloth's regenerated copies of these classes match too. To add a family: write its traceable forward in a
+so Unsloth's regenerated copies of these classes match too; transformers 5.x experts modules are found by structure
+(`transformers5.is_5x_experts`), whatever their class. To add a family: write its traceable forward in a
 module here (see common.py for what "traceable" means), list it in that module's FAMILIES, import it below.
 """
 
@@ -16,17 +17,22 @@ FAMILIES: dict[str, Family] = {}
 for _module in (mixtral_qwen, empty_guard, deepseek, split_sizes, stacked, transformers5):
     FAMILIES.update(_module.FAMILIES)
 
-TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values())
+TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values()) | {transformers5.FAMILY.forward}
+
+
+def family_of(module: nn.Module) -> Family | None:
+    """The family whose traceable forward `module` can take, or None."""
+    if transformers5.is_5x_experts(module):
+        return transformers5.FAMILY
+    return FAMILIES.get(type(module).__name__)
 
 
 def is_moe_candidate(module: nn.Module) -> bool:
-    """A known MoE class, or anything holding its experts in a ModuleList: worth a line in the report.
-    A transformers 5.x block's line is its experts module's (families/transformers5.py)."""
+    """A known MoE class, a 5.x experts module, or anything holding its experts in a ModuleList: worth a line in the
+    report. A transformers 5.x block's line is its experts module's (families/transformers5.py)."""
     if transformers5.delegates_to_experts(module):
         return False
-    if type(module).__name__ in transformers5.FAMILIES and not transformers5.is_5x_experts(module):
-        return False  # a 4.x class of a 5.x name: its block is the candidate
-    return type(module).__name__ in FAMILIES or isinstance(getattr(module, "experts", None), nn.ModuleList)
+    return family_of(module) is not None or isinstance(getattr(module, "experts", None), nn.ModuleList)
 
 
 def unsupported_reason(block: nn.Module) -> str | None:
@@ -35,10 +41,9 @@ def unsupported_reason(block: nn.Module) -> str | None:
     The structural check guards against a same-named class whose layout differs from the one the forward was
     written for (another transformers version, a custom remote-code model).
     """
-    name = type(block).__name__
-    family = FAMILIES.get(name)
+    family = family_of(block)
     if family is None:
-        return f"no traceable forward for {name}"
+        return f"no traceable forward for {type(block).__name__}"
     reason = (family.check or module_list_check)(block)
     if reason is not None:
         return reason
@@ -48,5 +53,5 @@ def unsupported_reason(block: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["FAMILIES", "Family", "TRACEABLE_FORWARDS", "is_moe_candidate", "module_list_check",
+__all__ = ["FAMILIES", "Family", "family_of", "TRACEABLE_FORWARDS", "is_moe_candidate", "module_list_check",
            "range_expert_loop", "softmax_topk", "unsupported_reason"]

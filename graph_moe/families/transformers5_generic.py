@@ -1,23 +1,30 @@
 """A range-loop forward derived from a transformers 5.x experts class's own eager loop (its syntax tree).
 
-The hand-written `experts_forward` (transformers5.py) covers the two standard 5.x loops. Other experts classes
-loop over the experts hit in the same way but compute something else per expert (gpt-oss: transposed weights,
-biases, a clamped activation; Inkling2: an fp32 accumulator; MuseSpark: a norm per expert output; NemotronH:
-no gate). For those, `derive_range_forward` rewrites the class's eager forward (`forward.__wrapped__`) itself:
+Every 5.x experts class loops over the experts hit in the same way, and computes what it computes per expert
+(Qwen3-MoE: `act_fn(gate) * up`, written inline in one release and as `self._apply_gate` in another; gpt-oss:
+transposed weights, biases, a clamped activation; Inkling2: an fp32 accumulator; MuseSpark: a norm per expert
+output; NemotronH: no gate). `derive_range_forward` rewrites the class's eager forward (`forward.__wrapped__`)
+itself, whichever transformers release is installed:
 
     hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()    dropped
-    for e in hit:                                               for e in range(self.num_experts):
+    for e in hit:                                               for e in range(_graph_moe_loop.num_experts):
         e = e[0]                  (or e = e.item())             dropped
         if e == self.num_experts: continue                      dropped
         pos, tok = torch.where(mask[e])
         if tok.numel() == 0: continue                           dropped
-        ...plain assignments...
+        ...plain assignments...                                 F.linear(x, self.p[e]) becomes
+                                                                _graph_moe_loop.linear(x, self.p, "p", e)
         acc.index_add_(0, tok, ...)
+                                                                acc = _graph_moe_loop.result(acc)
 
 and compiles the result against the original function's globals (Dynamo traces bytecode: no source file is
 needed; the new source is registered in linecache under a descriptive name, for tracebacks and Dynamo's logs).
 `register(cls)` (run by the family's check, so by install) derives it once per class; the forward install puts
-on the instance, `generic_experts_forward`, runs the one derived for the instance's class.
+on the instance, `generic_experts_forward`, runs the one derived for the instance's class with an `ExpertLoop`:
+every expert (E), or expert 0 alone under graph_moe.compile when every per-expert read is row e of a tensor with E
+rows (its body then stands for all, marked with graph_moe::every_expert_as_expert_0: passes/traced_once.py); each
+`F.linear(x, self.p[e])` plus the LoRA adapters PEFT's ParamWrappers hold for `p`, as factors; nothing else.
+What the pass then does with the loop is its own proof.
 
 Why it is exact: `mask` is a one_hot (0/1) with the expert dimension first, so an expert outside `hit` has an
 all-zero `mask[e]`, `torch.where` gives it empty rows, and its only effect, `acc.index_add_(0, tok, ...)`, adds
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import functools
 import inspect
 import linecache
@@ -51,18 +59,33 @@ from typing import Callable
 
 import torch
 
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from graph_moe.families.common import trace_once_requested
+
 _RANGE_FORWARDS: dict[type, Callable] = {}  # experts class -> its derived forward; filled by `register`
+LORA_KWARG = "_graph_moe_lora"  # the bound PEFT ParamWrappers, passed down from the outermost one (transformers5.py)
+_LOOP = "_graph_moe_loop"  # the derived forward's added parameter: an ExpertLoop
 
 
 def generic_experts_forward(self, *args, **kwargs):
     """The forward install puts on the instance (one function for every class, so install and uninstall know it
     as graph_moe's): the range-loop forward derived for this instance's class."""
+    derived = _derived_for(self)
+    wrappers = kwargs.pop(LORA_KWARG, ())
+    loop = ExpertLoop(self, derived.graph_moe_reads, {name: _lora_factors(wrappers, name)
+                                                       for name in derived.graph_moe_reads.linear})
+    return derived(self, *args, **kwargs, **{_LOOP: loop})
+
+
+def _derived_for(experts):
     # The nearest registered class: torch's parametrize (PEFT's ParamWrapper uses it) swaps the instance's class
     # for a subclass made on the fly, which inherits the forward.
-    for cls in type(self).__mro__:
+    for cls in type(experts).__mro__:
         if cls in _RANGE_FORWARDS:
-            return _RANGE_FORWARDS[cls](self, *args, **kwargs)
-    raise RuntimeError(f"graph_moe: no range loop registered for {type(self).__name__}; call graph_moe.install")
+            return _RANGE_FORWARDS[cls]
+    raise RuntimeError(f"graph_moe: no range loop registered for {type(experts).__name__}; call graph_moe.install")
 
 
 def register(cls: type) -> str | None:
@@ -78,6 +101,69 @@ def register(cls: type) -> str | None:
     return None
 
 
+def linear_reads(cls: type) -> frozenset[str]:
+    """The parameters the derived loop of `cls` reads only as `F.linear(x, self.<name>[e])` (LoRA can be added)."""
+    derived = _RANGE_FORWARDS.get(cls)
+    return derived.graph_moe_reads.linear if derived is not None else frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertReads:
+    """What the loop body reads per expert, besides the mask row: `self.<name>[e]` for each name in `stacks`, of
+    which those in `linear` only as `F.linear(x, self.<name>[e])`; `other`: it also indexes something else by e."""
+    stacks: frozenset[str]
+    linear: frozenset[str]
+    other: bool
+
+
+class ExpertLoop:
+    """What the derived loop asks of graph_moe: how many experts to visit, each `F.linear(x, self.<name>[e])` with
+    its LoRA adapters added as factors, and the loop's result (marked when expert 0's body stands for all)."""
+
+    def __init__(self, experts, reads: ExpertReads, lora: dict):
+        self.lora = lora
+        self.total = experts.num_experts
+        stacks = [getattr(experts, name, None) for name in sorted(reads.stacks)]
+        stacks += [t for factors in lora.values() for a, b, _ in factors for t in (a, b)]
+        # Expert 0's body stands for every expert's only when each per-expert read is row e of a tensor with one row
+        # per expert (a parametrized weight is rebuilt in the graph: traced whole).
+        self.once = (trace_once_requested() and not reads.other and not parametrize.is_parametrized(experts)
+                     and all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == self.total
+                             for t in stacks))
+        self.stacks = stacks
+        self.num_experts = 1 if self.once else self.total
+
+    def linear(self, x, stack, name, e):
+        out = F.linear(x, stack[e])
+        for a_stack, b_stack, scaling in self.lora.get(name, ()):
+            out = out + F.linear(F.linear(x, a_stack[e]), b_stack[e]) * scaling
+        return out
+
+    def result(self, accumulator):
+        if self.once:  # expert 0's body stands for every expert's; the pass groups it over all of them
+            return torch.ops.graph_moe.every_expert_as_expert_0(accumulator, self.total, self.stacks)
+        return accumulator
+
+
+def _lora_factors(wrappers, parameter_name):
+    """(A (E, r, in), B (E, out, r), scaling) of each adapter PEFT would add to `parameter_name` now.
+
+    PEFT's ParamWrapper.forward adds the active adapters unless disabled or merged (then the base already holds
+    them); the factors are PEFT's own, in the parameter's dtype, as its forward folds them."""
+    factors = []
+    for wrapper in wrappers:
+        if wrapper.parameter_name != parameter_name or wrapper.disable_adapters or wrapper.merged:
+            continue
+        for adapter in wrapper.active_adapters:
+            if adapter in wrapper.lora_A:
+                b_stack, a_stack, scaling = wrapper.get_delta_factors(adapter)
+                # B is a permuted view of lora_B.weight (experts innermost), which torch._grouped_mm rejects: copy it
+                # expert-major (r columns wide: small). Into a new tensor, because Inductor drops `.contiguous()`
+                # before _grouped_mm, whose fallback only asks for some unit stride (torch 2.13).
+                factors.append((a_stack, b_stack.new_empty(b_stack.shape).copy_(b_stack), scaling))
+    return factors
+
+
 class _Refused(Exception):
     pass
 
@@ -91,7 +177,7 @@ def derive_range_forward(original: types.FunctionType) -> types.FunctionType | s
     except (OSError, TypeError, SyntaxError) as e:
         return f"its source cannot be read ({e})"
     try:
-        function = _transform(tree.body[0], original)
+        function, reads = _transform(tree.body[0], original)
     except _Refused as e:
         return str(e)
     new_source = ast.unparse(function) + "\n"
@@ -104,6 +190,7 @@ def derive_range_forward(original: types.FunctionType) -> types.FunctionType | s
     derived = namespace[function.name]
     derived.__qualname__ = where
     derived.__doc__ = f"{where}, looping over range(self.num_experts) (graph_moe.families.transformers5_generic)"
+    derived.graph_moe_reads = reads
     return derived
 
 
@@ -226,16 +313,66 @@ def _transform(function, original) -> ast.FunctionDef:
     if "range" in original.__globals__:
         raise _Refused("the module shadows range")
 
-    # The rewrite: loop over every expert, without the guards and the hit computation.
-    loop.iter = ast.parse(f"range({self_name}.num_experts)", mode="eval").body
+    if any(n.id == _LOOP for n in ast.walk(function) if isinstance(n, ast.Name)):
+        raise _Refused(f"the forward uses the name {_LOOP}")
+    reads = _ExpertReads(expert, self_name, mask, original)
+    kept = [reads.visit(statement) for statement in kept]
+
+    # The rewrite: loop over the experts graph_moe asks for (every one, or expert 0 standing for all), without the
+    # guards and the hit computation; each F.linear(x, self.<p>[e]) through the ExpertLoop (which adds LoRA
+    # factors), and the accumulator handed to it after the loop.
+    function.args.kwonlyargs.append(ast.arg(_LOOP))
+    function.args.kw_defaults.append(None)
+    loop.iter = ast.parse(f"range({_LOOP}.num_experts)", mode="eval").body
     loop.body = kept
+    accumulator = kept[-1].value.func.value.id
+    function.body.insert(function.body.index(loop) + 1,
+                         ast.parse(f"{accumulator} = {_LOOP}.result({accumulator})").body[0])
     container = containers[id(hit_assign)]
     if container is hit_assign:
         function.body.remove(hit_assign)
     else:
         container.body.remove(hit_assign)
         container.body = container.body or [ast.Pass()]
-    return ast.fix_missing_locations(function)
+    return ast.fix_missing_locations(function), reads.result()
+
+
+class _ExpertReads(ast.NodeTransformer):
+    """Records what the body indexes by the expert (see ExpertReads) and routes `F.linear(x, self.<p>[e])` through
+    the ExpertLoop."""
+
+    def __init__(self, expert: str, self_name: str, mask: str, original):
+        self.expert, self.self_name, self.mask, self.original = expert, self_name, mask, original
+        self.linear, self.plain, self.other = set(), set(), False
+
+    def result(self) -> ExpertReads:
+        return ExpertReads(frozenset(self.linear | self.plain), frozenset(self.linear - self.plain), self.other)
+
+    def _row_of_self(self, node) -> str | None:
+        """`p` for `self.<p>[e]`."""
+        if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Name) and node.slice.id == self.expert
+                and isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == self.self_name):
+            return node.value.attr
+        return None
+
+    def visit_Call(self, node):
+        name = self._row_of_self(node.args[1]) if len(node.args) == 2 and not node.keywords else None
+        if name is None or not _resolves_to(node.func, self.original, torch.nn.functional.linear):
+            return self.generic_visit(node)
+        self.linear.add(name)
+        return ast.Call(func=ast.Attribute(ast.Name(_LOOP, ast.Load()), "linear", ast.Load()),
+                        args=[self.visit(node.args[0]), node.args[1].value, ast.Constant(name),
+                              ast.Name(self.expert, ast.Load())], keywords=[])
+
+    def visit_Subscript(self, node):
+        if isinstance(node.slice, ast.Name) and node.slice.id == self.expert:
+            name = self._row_of_self(node)
+            if name is not None:
+                self.plain.add(name)
+            elif not (isinstance(node.value, ast.Name) and node.value.id == self.mask):
+                self.other = True
+        return self.generic_visit(node)
 
 
 def _signature(function, original) -> tuple[str, str]:

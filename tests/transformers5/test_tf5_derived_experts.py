@@ -139,8 +139,8 @@ def test_derived_range_loop_equals_eager_bit_for_bit(family):
     experts = _experts(model, class_name)[0]
     assert unsupported_reason(experts) is None
     original = type(experts).forward.__wrapped__
-    derived = transformers5_generic.derive_range_forward(original)
-    assert callable(derived), derived
+    assert callable(transformers5_generic.derive_range_forward(original))
+    derived = transformers5_generic.generic_experts_forward  # the derived loop, as install runs it
     logits, arguments = _logits_and_experts_arguments(model, experts)
     for skip, seed in ((None, 0), (2, 1)):  # every expert hit (14 tokens, 28 slots, 4 experts); expert 2 without tokens
         hidden, ids, weights = _routing(arguments, experts.num_experts, skip=skip, seed=seed)
@@ -169,7 +169,7 @@ def test_compiled_rewritten_or_reported_and_equal(family):
     reference = copy.deepcopy(model)
     report = graph_moe.install(model)
     assert [(b.class_name, b.status) for b in report.blocks] == [(class_name, "installed")] * layers, str(report)
-    assert all(b.weights == "3D, stacked by the model" for b in report.blocks), str(report)
+    assert all(b.weights.startswith("3D, stacked by the model") for b in report.blocks), str(report)
     assert all(isinstance(b.num_experts, int) and isinstance(b.top_k, int) for b in report.blocks), str(report)
     # The MoE blocks (router + experts) compiled on their own: the rest of the model runs eagerly, which keeps
     # tracing to the loops (graph_moe.compile's decoder-layer regions are tested with the standard loops).
@@ -283,7 +283,9 @@ def test_lora_on_derived_experts_stays_with_peft():
     reference = copy.deepcopy(model)
     report = graph_moe.install(model)
     assert report.num_installed == 2, str(report)
-    assert all("LoRA left to PEFT's forward" in b.weights for b in report.blocks), str(report)
+    # gpt-oss reads its transposed weights as x @ W[e]: no LoRA factors can be added there
+    assert all("left to PEFT" in b.weights and "other than as F.linear" in b.weights for b in report.blocks), \
+        str(report)
     ids = torch.randint(0, 64, (2, 7))
     (out, grads), (ref_out, ref_grads) = _output_and_grads(model, ids), _output_and_grads(reference, ids)
     assert torch.equal(out, ref_out) and grads.keys() == ref_grads.keys()

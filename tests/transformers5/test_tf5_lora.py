@@ -21,8 +21,8 @@ from tiny_models import build  # noqa: E402
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
-def _lora_model(family, layers=1):
-    model = build(family, layers=layers, experts_implementation="eager")
+def _lora_model(family, layers=1, **implementation):
+    model = build(family, layers=layers, **implementation)
     # Random B too (PEFT starts B at zero), so that every LoRA gradient is non-zero; r = 8 keeps the
     # adapter GEMMs on torch._grouped_mm (rows of whole 16-byte units).
     config = LoraConfig(r=8, lora_alpha=16, target_parameters=TARGETS, init_lora_weights=False)
@@ -63,8 +63,9 @@ def test_lora_under_inductor():
 
 
 def test_lora_states_match_peft_eagerly():
-    """Enabled, disabled and merged adapters: the installed forwards compute what PEFT's forwards compute."""
-    model = _lora_model("mixtral")
+    """Enabled, disabled and merged adapters: the installed forwards compute what PEFT's forwards compute (over the
+    same eager loop: bit for bit where no adapter is added)."""
+    model = _lora_model("mixtral", experts_implementation="eager")
     reference = copy.deepcopy(model)
     graph_moe.install(model)
     ids = torch.randint(0, 64, (2, 7))

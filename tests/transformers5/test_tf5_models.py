@@ -1,6 +1,7 @@
-"""transformers 5.x experts modules (3D gate_up_proj / down_proj) with experts_implementation="eager": install puts
-the traceable forward on each experts instance, the pass groups the 3D parameters as they are (no copy), and
-logits and every gradient equal untouched eager."""
+"""transformers 5.x experts modules (3D gate_up_proj / down_proj) as users load them (experts_implementation
+"grouped_mm", the default) and with the other implementations transformers ships: install puts the traceable forward
+on each experts instance, the pass groups the 3D parameters as they are (no copy), and logits and every gradient
+equal the untouched model's."""
 
 from __future__ import annotations
 
@@ -35,20 +36,30 @@ def _weights_read_without_copy(keep) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_eager_experts_rewritten_and_equal(family):
-    model = build(family, experts_implementation="eager")
+def test_experts_as_loaded_rewritten_and_equal(family):
+    """The model as from_config / from_pretrained make it: no experts_implementation asked for."""
+    model = build(family)
+    assert model.config._experts_implementation == "grouped_mm"
     keep = check_model_rewritten(model, blocks=2)
     report = model._graph_moe_install_report
-    # One line per layer, the experts module's: the 5.x block around it delegates to it.
-    assert [b.class_name for b in report.blocks] == [EXPERTS[family]] * 2, str(report)
+    # One line per layer, the experts module's: the 5.x block around it delegates to it; it names what it replaced.
+    assert [(b.class_name, b.form) for b in report.blocks] == [(EXPERTS[family], "grouped_mm")] * 2, str(report)
+    assert all("took over experts_implementation='grouped_mm'" in b.weights for b in report.blocks), str(report)
     assert _weights_read_without_copy(keep) == 2  # gate_up_proj and down_proj, as they are
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_other_implementations_rewritten_and_equal(implementation):
+    model = build("qwen3_moe", experts_implementation=implementation)
+    check_model_rewritten(model, blocks=2)
+    assert [b.form for b in model._graph_moe_install_report.blocks] == [implementation] * 2
 
 
 def _other_family(name):
     """5.x models whose experts class shares the standard eager loop while their routing differs (DeepSeek-V3:
     sigmoid, grouped top-k, fp32 weights; PhiMoE: sparsemixer; Jamba: hybrid Mamba layers, attention-only here)."""
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, experts_implementation="eager")
+                  num_key_value_heads=2)
     if name == "deepseek_v3":
         config = transformers.DeepseekV3Config(
             **{**common, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
@@ -70,14 +81,25 @@ def test_other_families_share_the_experts_forward(family):
     check_model_rewritten(model, blocks=2)
 
 
-def test_grouped_mm_implementation_is_left_alone():
-    """5.x's default is its own grouped forward: nothing to install, and the report says why."""
+def test_keep_transformers_grouped_leaves_them():
+    """The opt-out: transformers' own grouped forward kept, and the report says so; "eager" is still taken over."""
     model = build("qwen3_moe", layers=1)
-    assert model.config._experts_implementation == "grouped_mm"
-    report = graph_moe.install(model)
+    report = graph_moe.install(model, keep_transformers_grouped=True)
     assert report.num_installed == 0 and len(report.blocks) == 1
-    assert "grouped_mm" in report.blocks[0].status and "left as it is" in report.blocks[0].status
+    assert "keep_transformers_grouped" in report.blocks[0].status, str(report)
     assert not any("forward" in m.__dict__ for m in model.modules())
+    eager = build("qwen3_moe", layers=1, experts_implementation="eager")
+    assert graph_moe.install(eager, keep_transformers_grouped=True).num_installed == 1
+
+
+def test_an_implementation_registered_elsewhere_is_refused_by_name():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
+    ALL_EXPERTS_FUNCTIONS.register("someone_elses", grouped_mm_experts_forward)
+    model = build("qwen3_moe", layers=1)
+    model.set_experts_implementation("someone_elses")
+    report = graph_moe.install(model)
+    assert report.num_installed == 0 and "'someone_elses'" in report.blocks[0].status, str(report)
 
 
 def test_uninstall_restores_the_class_forward():
@@ -95,7 +117,7 @@ def test_uninstall_restores_the_class_forward():
 
 
 def test_other_eager_loops_are_refused():
-    """A class of a listed name whose eager loop is not the standard one is refused, not guessed at."""
+    """An experts class whose eager forward is not a loop the derivation can make exact is refused, not guessed at."""
     config = build("mixtral", layers=1, experts_implementation="eager").config
 
     @use_experts_implementation
@@ -103,7 +125,7 @@ def test_other_eager_loops_are_refused():
         def forward(self, hidden_states, top_k_index, top_k_weights):
             return super().forward(hidden_states, top_k_index, top_k_weights) * 2
 
-    assert "not the standard" in unsupported_reason(MixtralExperts(config))
+    assert "cannot become a range loop" in unsupported_reason(MixtralExperts(config))
     assert unsupported_reason(modeling_mixtral.MixtralExperts(config)) is None
     parallel = modeling_mixtral.MixtralExperts(config)
     parallel._is_expert_parallel = True
@@ -114,8 +136,8 @@ def test_other_eager_loops_are_refused():
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_checkpointed_layers_rewritten_and_equal(family):
     """Gradient checkpointing: transformers 5 runs each decoder layer under torch.utils.checkpoint, which Dynamo
-    traces as a higher-order op whose body (a submodule of the graph) holds the expert loop. Regression (session 13):
-    the pass read only the graph itself, found no loop, and said nothing; it now rewrites the body too."""
+    traces as a higher-order op whose body (a submodule of the graph) holds the expert loop. Regression:
+    the pass once read only the graph itself, found no loop, and said nothing; it now rewrites the body too."""
     model = build(family, experts_implementation="eager", dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep = check_model_rewritten(model, blocks=2)

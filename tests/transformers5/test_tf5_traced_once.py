@@ -21,7 +21,7 @@ from tiny_models import build  # noqa: E402
 @pytest.mark.parametrize("experts", ["trained", "lora"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_3d_experts_traced_once_equal_eager(family, experts, traced):
-    model = build(family, experts=8, dtype=torch.float32, experts_implementation="eager")
+    model = build(family, experts=8, dtype=torch.float32)
     if experts == "lora":
         config = LoraConfig(r=8, lora_alpha=16, target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                             init_lora_weights=False)
