@@ -29,8 +29,9 @@ from graph_moe.tools.dump import DumpIndex, dump  # noqa: E402
 from graph_moe.explain import Explanation, explain  # noqa: E402
 from graph_moe.inductor_pass import GraphMoePass, inductor_options, inductor_pass  # noqa: E402
 from graph_moe.install import InstallReport, install, uninstall  # noqa: E402
+from graph_moe.passes import RewriteSettings  # noqa: E402
 from graph_moe.report import LoopReport, counter_snapshot  # noqa: E402
 
 __all__ = ["backend", "make_backend", "compile", "capture_settings", "explain", "Explanation", "dump", "DumpIndex",
            "install", "uninstall", "InstallReport", "LoopReport", "counter_snapshot", "inductor_pass", "inductor_options",
-           "GraphMoePass"]
+           "GraphMoePass", "RewriteSettings"]

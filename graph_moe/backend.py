@@ -9,7 +9,7 @@ import torch
 import torch._inductor.config
 from torch._dynamo.backends import registry
 
-from graph_moe.passes import rewrite_moe_loops
+from graph_moe.passes import RewriteSettings, rewrite_moe_loops
 from graph_moe.report import LoopReport, record
 
 log = logging.getLogger("graph_moe")
@@ -71,21 +71,17 @@ def _warn_if_ddp_splits(reports) -> None:
 
 
 def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None, options: dict | None = None,
-                 fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
-                 on_reports: Callable[[list[LoopReport]], Any] | None = None):
+                 settings: RewriteSettings | None = None, on_reports: Callable[[list[LoopReport]], Any] | None = None,
+                 **rewrite_options):
     """Build a graph_moe backend.
 
     inner: "inductor" (default), "aot_eager", "eager", or any backend callable, run on the rewritten graph.
     mode/options: Inductor's `torch.compile(mode=..., options=...)`; those given to torch.compile win.
-    fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
-    router_topk: on CUDA, the router's top-k of a softmax as one Triton kernel of k arg-max steps
-        (kernels/router_topk.py) instead of ATen's top-k; the experts chosen are the same, ties included.
-    low_memory_4bit: bitsandbytes 4-bit (QLoRA) experts dequantized a few at a time inside their grouped GEMMs
-        (kernels/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's (on CUDA with
-        Triton). False: each projection's experts dequantized at once, faster (~10%) for ~0.5 GB more at
-        Qwen3-30B-A3B.
+    settings: the rewrite's `graph_moe.RewriteSettings` (default: its defaults); rewrite_options: any of its fields
+        as keywords, replacing the settings' (fuse_projections=False, router_topk=False, low_memory_4bit=False).
     on_reports: called with the LoopReports of every captured graph (graph_moe.explain uses it).
     """
+    settings = RewriteSettings.of(settings, **rewrite_options)
     if isinstance(inner, str) and inner not in INNER:
         raise ValueError(f"graph_moe: inner compiler must be one of {INNER} or a backend callable, not {inner!r}")
 
@@ -94,8 +90,7 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
         # the rewrite sees the Inductor config the graph compiles under (as a pass inside Inductor does): under CUDA
         # graphs it emits kernels whose host cost the graphs remove (kernels/grouped_mm_few_rows.py)
         with torch._inductor.config.patch(_inductor_patches(mode_, options_) if inner == "inductor" else {}):
-            reports = rewrite_moe_loops(gm, fuse_projections=fuse_projections, router_topk=router_topk,
-                                        low_memory_4bit=low_memory_4bit)
+            reports = rewrite_moe_loops(gm, settings)
         record(reports)
         if not reports:
             _warn_if_router_without_loop(gm)
@@ -107,6 +102,7 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
             return run_inner(inner, gm, example_inputs, mode=mode_, options=options_)
 
     graph_moe_backend.inner = inner
+    graph_moe_backend.settings = settings
     return graph_moe_backend
 
 

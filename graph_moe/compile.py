@@ -22,7 +22,7 @@ from graph_moe import layout_check
 from graph_moe.backend import make_backend
 from graph_moe.families import common
 from graph_moe.install import InstallReport, install
-from graph_moe.passes import TraceEveryExpert
+from graph_moe.passes import RewriteSettings, TraceEveryExpert
 
 log = logging.getLogger("graph_moe")
 
@@ -142,26 +142,27 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, trace_once
     return compiled
 
 
-def compile(model: nn.Module, *, inner="inductor", regional: bool = True, fuse_projections: bool = True,
-            router_topk: bool = True, low_memory_4bit: bool = True, stack_experts: bool = False,
-            trace_experts_once: bool = True, **torch_compile_kwargs) -> nn.Module:
+def compile(model: nn.Module, *, inner="inductor", regional: bool = True, settings: RewriteSettings | None = None,
+            stack_experts: bool = False, trace_experts_once: bool = True, **torch_compile_kwargs) -> nn.Module:
     """Install graph_moe on `model` and compile it with the graph_moe backend, in place.
 
     inner: the compiler run on the rewritten graphs ("inductor", "aot_eager", "eager" or a backend).
     regional: compile each decoder layer holding an MoE block on its own (default), or the whole
         model as one region.
-    fuse_projections, router_topk, low_memory_4bit: as `graph_moe.make_backend` takes them.
+    settings: the rewrite's `graph_moe.RewriteSettings`; its fields may also be given as keywords
+        (fuse_projections=False, router_topk=False, low_memory_4bit=False), as `graph_moe.make_backend` takes them.
     stack_experts: passed to `graph_moe.install` (expert weights as stacked parameters: full fine-tuning of the
         experts without a per-forward copy; for FSDP2, install with it before `fully_shard` instead).
     trace_experts_once: let Dynamo trace expert 0's body alone for a loop whose experts are uniform by construction
         (laid out, no per-expert adapters), which the pass then groups over every expert: a 128-expert layer compiles
         in about half the time. Off: every body traced and proven, as with `graph_moe.backend`.
-    torch_compile_kwargs: passed to torch.compile (mode=, options=, dynamic=, fullgraph=, ...).
+    torch_compile_kwargs: passed to torch.compile (mode=, options=, dynamic=, fullgraph=, ...), less the rewrite's
+        settings.
     Returns `model`, whose calls now run compiled; `model._graph_moe_install_report` says what was installed.
     """
+    settings = RewriteSettings.pop_from(torch_compile_kwargs, settings)
     report = install(model, stack_experts=stack_experts)
-    backend = make_backend(inner, fuse_projections=fuse_projections, router_topk=router_topk,
-                           low_memory_4bit=low_memory_4bit)
+    backend = make_backend(inner, settings=settings)
     regions = decoder_layers(model, report) if regional else [model]
     if not regions:
         log.warning("graph_moe.compile: no supported MoE block in %s; compiling the whole model", type(model).__name__)

@@ -32,12 +32,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 import graph_moe.kernels as _kernels_pkg
 import graph_moe.passes as _passes_pkg
 from graph_moe.backend import fake_tensor_cache_back_on
-from graph_moe.passes import rewrite_moe_loops
+from graph_moe.passes import RewriteSettings, rewrite_moe_loops
 from graph_moe.report import LoopReport, record
-
-SETTINGS_DEFAULTS: dict[str, Any] = {
-    "fuse_projections": True, "router_topk": True, "low_memory_4bit": True}
-
 
 def _source_files() -> tuple[str, ...]:
     """Every .py file of the graph_moe.passes and graph_moe.kernels packages (recursively), then this file; sorted,
@@ -72,27 +68,22 @@ def _pass_uuid(p) -> Any | None:
 class GraphMoePass(CustomGraphPass):
     """Inductor `pre_grad_custom_pass` running the graph_moe rewrite, then an optional user pass.
 
-    fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
-    router_topk: on CUDA, the router's top-k as one Triton kernel (see graph_moe.make_backend).
-    low_memory_4bit: 4-bit experts dequantized a few at a time (see graph_moe.make_backend).
+    settings: the rewrite's `graph_moe.RewriteSettings`; rewrite_options: any of its fields as keywords, replacing
+        the settings' (fuse_projections=False, ...).
     then: a pass (or list of passes) run after ours on the same graph; its uuid is folded into ours
         (None if it has none, which makes Inductor run the pre-grad passes before its cache lookup).
     on_reports: called with the LoopReports of every graph the pass rewrites (not part of the uuid).
     """
 
-    def __init__(self, *, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
-                 then=None, on_reports: Callable[[list[LoopReport]], Any] | None = None):
-        self.settings = {"fuse_projections": fuse_projections, "router_topk": router_topk,
-                         "low_memory_4bit": low_memory_4bit}
-        for name, value in self.settings.items():
-            if not isinstance(value, bool):
-                raise TypeError(f"graph_moe: {name} must be a bool, not {value!r}")
+    def __init__(self, *, settings: RewriteSettings | None = None, then=None,
+                 on_reports: Callable[[list[LoopReport]], Any] | None = None, **rewrite_options):
+        self.settings = RewriteSettings.of(settings, **rewrite_options)
         self.then = _as_passes(then)
         self.on_reports = on_reports
 
     @property
     def fuse_projections(self) -> bool:
-        return self.settings["fuse_projections"]
+        return self.settings.fuse_projections
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
@@ -100,7 +91,7 @@ class GraphMoePass(CustomGraphPass):
             raise TypeError("graph_moe: the pre-grad pass needs a torch.fx.Graph owned by a GraphModule "
                             f"(got owning_module={type(gm).__name__})")
         fake_tensor_cache_back_on()  # AOTAutograd, after this pass, traces the small rewritten graph
-        reports = rewrite_moe_loops(gm, **self.settings)
+        reports = rewrite_moe_loops(gm, self.settings)
         if any(r.rewritten for r in reports):
             gm.recompile()  # rewrite_moe_loops recompiles too; cheap, and keeps gm.forward in step with graph
         record(reports)
@@ -110,7 +101,7 @@ class GraphMoePass(CustomGraphPass):
             p(graph)
 
     def uuid(self) -> str | None:
-        own = get_hash_for_files(_source_files(), extra=repr(sorted(self.settings.items()))).hex()
+        own = get_hash_for_files(_source_files(), extra=repr(sorted(self.settings.as_dict().items()))).hex()
         if not self.then:
             return f"graph_moe:{own}"
         theirs = [_pass_uuid(p) for p in self.then]
@@ -125,15 +116,14 @@ class GraphMoePass(CustomGraphPass):
 
     def __repr__(self) -> str:
         then = f", then={list(self.then)!r}" if self.then else ""
-        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.as_dict().items())
         return f"GraphMoePass({settings}{then})"
 
 
-def inductor_pass(*, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
-                  then=None, on_reports: Callable[[list[LoopReport]], Any] | None = None) -> GraphMoePass:
+def inductor_pass(*, settings: RewriteSettings | None = None, then=None,
+                  on_reports: Callable[[list[LoopReport]], Any] | None = None, **rewrite_options) -> GraphMoePass:
     """The graph_moe rewrite as an Inductor `pre_grad_custom_pass` (see GraphMoePass)."""
-    return GraphMoePass(fuse_projections=fuse_projections, router_topk=router_topk, low_memory_4bit=low_memory_4bit,
-                        then=then, on_reports=on_reports)
+    return GraphMoePass(settings=RewriteSettings.of(settings, **rewrite_options), then=then, on_reports=on_reports)
 
 
 def _without_graph_moe(current) -> Any:
@@ -148,15 +138,14 @@ def _without_graph_moe(current) -> Any:
     return current
 
 
-def inductor_options(*, fuse_projections: bool = True, router_topk: bool = True, low_memory_4bit: bool = True,
-                     then=None, on_reports: Callable[[list[LoopReport]], Any] | None = None) -> dict[str, Any]:
+def inductor_options(*, settings: RewriteSettings | None = None, then=None,
+                     on_reports: Callable[[list[LoopReport]], Any] | None = None, **rewrite_options) -> dict[str, Any]:
     """`torch.compile(..., options=...)` for the plain inductor backend: our pre-grad pass, composed with
     `then` or else with whatever `torch._inductor.config.pre_grad_custom_pass` holds now (which
     `options=` would otherwise replace while compiling)."""
     if then is None:
         then = _without_graph_moe(torch._inductor.config.pre_grad_custom_pass)
-    return {"pre_grad_custom_pass": inductor_pass(fuse_projections=fuse_projections, router_topk=router_topk,
-                                                   low_memory_4bit=low_memory_4bit, then=then,
+    return {"pre_grad_custom_pass": inductor_pass(settings=RewriteSettings.of(settings, **rewrite_options), then=then,
                                                    on_reports=on_reports)}
 
 

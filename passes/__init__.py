@@ -21,6 +21,7 @@ from .find_loops import LoopCandidate, find_loop_candidates
 from .ops import example_value, source_name
 from .prove_bodies import ProvenLoop, Unprovable, prove
 from .report import LoopReport
+from .settings import RewriteSettings
 from .traced_once import TraceEveryExpert, is_marker
 
 log = logging.getLogger("graph_moe")
@@ -76,24 +77,21 @@ def _prove(cand: LoopCandidate) -> ProvenLoop:
         raise Unprovable(f"internal error while proving the loop ({e!r}); please report it") from e
 
 
-def rewrite_moe_loops(gm: fx.GraphModule, *, fuse_projections: bool = True,
-                      router_topk: bool = True, low_memory_4bit: bool = True) -> list[LoopReport]:
-    """Rewrite every provable expert loop of `gm` in place; one report per loop found. `router_topk`: the
-    router's top-k as one Triton kernel too, on CUDA (kernels/router_topk.py). `low_memory_4bit`: 4-bit expert stacks
-    dequantized a few experts at a time (kernels/grouped_mm_4bit.py)."""
+def rewrite_moe_loops(gm: fx.GraphModule, settings: RewriteSettings = RewriteSettings()) -> list[LoopReport]:
+    """Rewrite every provable expert loop of `gm` in place, as `settings` say; one report per loop found."""
     reports = []
     # The loop may sit in a higher-order op's body (a checkpointed decoder layer, as transformers 5 traces it:
     # tag_activation_checkpoint over the submodule wrap_body_0), not in the graph itself.
     for module in gm.modules():
         if isinstance(module, fx.GraphModule):
-            found = _rewrite_graph(module, fuse_projections, router_topk, low_memory_4bit)
+            found = _rewrite_graph(module, settings)
             for report in found:
                 report.in_subgraph = module is not gm
             reports += found
     return reports
 
 
-def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool, low_memory_4bit: bool):
+def _rewrite_graph(gm: fx.GraphModule, settings: RewriteSettings):
     reports = []
     for cand in find_loop_candidates(gm.graph):
         block = _block_name(cand)
@@ -102,8 +100,7 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
             if cand.problem:
                 raise Unprovable(cand.problem)
             loop = _prove(cand)
-            gemms = emit(loop, fuse_projections=fuse_projections, router_topk=router_topk,
-                         low_memory_4bit=low_memory_4bit)
+            gemms = emit(loop, settings)
         except Unprovable as why:
             if cand.marker is not None:  # expert 0's body alone: never left as traced (traced_once.py)
                 raise TraceEveryExpert(f"{block}: {_readable(str(why), gm.graph)}") from why
@@ -127,4 +124,4 @@ def _rewrite_graph(gm: fx.GraphModule, fuse_projections: bool, router_topk: bool
     return reports
 
 
-__all__ = ["rewrite_moe_loops", "TraceEveryExpert", "LoopReport"]
+__all__ = ["rewrite_moe_loops", "RewriteSettings", "TraceEveryExpert", "LoopReport"]

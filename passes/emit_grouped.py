@@ -40,6 +40,7 @@ from .ops import (CASTS, ELEMENTWISE, LAYOUT, ZERO_FACTORIES, cast_signature, ex
                   op_name, slice_source)
 from .early_scale import plan_early_scale
 from .prove_bodies import ProvenLoop, Unprovable
+from .settings import RewriteSettings
 from .traced_once import remove_marker
 
 
@@ -198,9 +199,8 @@ def _projection_name(weight: fx.Node) -> str:
 _NOT_NAMES = {"L", "self", "weight", "bias", "base_layer", "default", "modules", "parameters"}
 
 
-def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = True,
-         low_memory_4bit: bool = True) -> list[tuple[str, bool]]:
-    """Rewrite the loop in place; returns each grouped GEMM's name and whether it took the fallback op."""
+def emit(loop: ProvenLoop, settings: RewriteSettings = RewriteSettings()) -> list[tuple[str, bool]]:
+    """Rewrite the loop in place, as `settings` say; returns each grouped GEMM's name and whether it took the fallback op."""
     cand = loop.candidate
     graph = cand.accumulator.graph
     fake_mode = _fake_mode(cand.ids)
@@ -208,7 +208,7 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Tr
         raise Unprovable("the graph carries no fake tensors to size the rewrite")
     b = _Builder(graph, loop.last_step, fake_mode)
     try:
-        result, projections = _emit_grouped(b, loop, fuse_projections, low_memory_4bit)
+        result, projections = _emit_grouped(b, loop, settings)
     except Exception as e:  # leave the graph exactly as traced
         _drop(graph, b.new)
         if os.environ.get("GRAPH_MOE_DEBUG"):
@@ -216,14 +216,14 @@ def emit(loop: ProvenLoop, fuse_projections: bool = True, router_topk: bool = Tr
         raise e if isinstance(e, Unprovable) else Unprovable(f"internal error while rewriting: {e!r}") from e
     _reroute(loop, result)
     _sink_to_first_use(graph, b.sink)
-    if router_topk:
+    if settings.router_topk:
         counters["graph_moe"]["router_topk"] += replace_router_topk(loop.candidate.ids, fake_mode)
     # Counted once the rewrite stands: each stack copies E per-expert tensors on every forward (README "Weights").
     counters["graph_moe"]["weight_stacks_per_forward"] += sum(node.target is torch.ops.graph_moe.stack_weights for node in b.new)
     return projections
 
 
-def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_memory_4bit: bool):
+def _emit_grouped(b: _Builder, loop: ProvenLoop, settings: RewriteSettings):
     cand = loop.candidate
     ids = cand.ids
     ids_val = example_value(ids)
@@ -257,7 +257,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
         env[operand.node] = b.call(operator.getitem, _stack(b, operand.values, "per_expert"), row_expert,
                                    name="row_" + re.sub(r"\W", "_", _projection_name(operand.node)))
     linears = {g.node: g for g in loop.linears}
-    fused = _fusable_pairs(loop.linears) if fuse_projections else {}
+    fused = _fusable_pairs(loop.linears) if settings.fuse_projections else {}
     projections = []
     early = plan_early_scale(loop)
     order = loop.template
@@ -292,7 +292,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
                 w = b.call(torch.cat, [w_a, w_b], out_dim, name="stacked_weight")
                 if _is_recomputed(w_a) or _is_recomputed(w_b):
                     _recompute_in_backward(w)
-                out, fallback = _grouped(b, x, w, grouped_offsets, [g, partner], row_expert, names, low_memory_4bit)
+                out, fallback = _grouped(b, x, w, grouped_offsets, [g, partner], row_expert, names,
+                                         settings.low_memory_4bit)
                 split = b.method("split", out, [b.size(w_a, out_dim), b.size(w_b, out_dim)], -1)
                 env[node] = b.call(operator.getitem, split, 0, name=re.sub(r"\W", "_", _projection_name(g.weights[0])))
                 env[partner.node] = b.call(operator.getitem, split, 1,
@@ -301,7 +302,8 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, fuse_projections: bool, low_mem
             else:
                 name = _projection_name(g.weights[0])
                 w = _stack(b, g.weights, "stacked_weight")
-                env[node], fallback = _grouped(b, x, w, grouped_offsets, [g], row_expert, name, low_memory_4bit)
+                env[node], fallback = _grouped(b, x, w, grouped_offsets, [g], row_expert, name,
+                                               settings.low_memory_4bit)
                 projections.append((name, fallback))
             continue
         env[node] = b.copy(node, env)

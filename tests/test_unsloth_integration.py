@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch._dynamo.utils import counters
 
+import graph_moe
 from graph_moe.integrations import unsloth as graph_moe_unsloth
 from helpers import assert_close_bf16, assert_grads_close, loss_and_grads
 from tiny_models import build
@@ -111,8 +112,9 @@ def test_apply_passes_the_rewrite_settings_on(monkeypatch):
                                         low_memory_4bit=False)
         current = torch._inductor.config.pre_grad_custom_pass
         assert isinstance(current, GraphMoePass)
-        assert current.settings == {"fuse_projections": True, "router_topk": True, "low_memory_4bit": False}
-    assert len(made) == 1 and made[0]["low_memory_4bit"] is False
+        assert current.settings == graph_moe.RewriteSettings(fuse_projections=True, router_topk=True,
+                                                             low_memory_4bit=False)
+    assert len(made) == 1 and made[0]["settings"].low_memory_4bit is False
     with torch.no_grad():
         model(torch.randint(0, 64, (2, 7)), use_cache=False)
     assert counters["graph_moe"]["loops_rewritten"] == 1

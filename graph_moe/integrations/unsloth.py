@@ -16,9 +16,9 @@ instances, after Unsloth is done with the model:
   and PEFT's `PeftModel.from_pretrained`, so `apply` runs after each of them: after loading, after LoRA is added,
   after a saved adapter is attached.
 
-Both take the rewrite's settings as `graph_moe.compile` does (`low_memory_4bit=False`: each projection's 4-bit
-experts dequantized at once, faster for more peak memory than the default), and are no-ops with a log line when Unsloth is not installed or a model
-has no supported MoE block.
+Both take the rewrite's settings as `graph_moe.compile` does (`settings=graph_moe.RewriteSettings(...)` or its fields
+as keywords; `low_memory_4bit=False`: each projection's 4-bit experts dequantized at once, faster for more peak memory
+than the default), and are no-ops with a log line when Unsloth is not installed or a model has no supported MoE block.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from torch import nn
 from graph_moe.backend import make_backend
 from graph_moe.compile import compile_regions
 from graph_moe.install import install
+from graph_moe.passes import RewriteSettings
 
 log = logging.getLogger("graph_moe")
 
 _WRAPPED = "_graph_moe_wrapped"
-_SETTINGS: dict = {}  # the rewrite settings enable() was given, for the loads it wraps
+_enabled_settings: RewriteSettings | None = None  # the rewrite settings enable() was given, for the loads it wraps
 
 
 def unsloth_available() -> bool:
@@ -65,7 +66,7 @@ def _take_over_from_unsloth(model: nn.Module) -> int:
     return carried
 
 
-def add_global_inductor_pass(**settings) -> None:
+def add_global_inductor_pass(settings: RewriteSettings | None = None, **rewrite_options) -> None:
     """Put the graph_moe pass into the global Inductor config, composed with any pass already there.
 
     Unsloth compiles whole decoder layers with Inductor and a fixed options dict that cannot carry a pass; the
@@ -77,22 +78,23 @@ def add_global_inductor_pass(**settings) -> None:
     from graph_moe.inductor_pass import inductor_options
 
     # keeps others' passes, once
-    inductor_config.pre_grad_custom_pass = inductor_options(**settings)["pre_grad_custom_pass"]
+    settings = RewriteSettings.of(settings, **rewrite_options)
+    inductor_config.pre_grad_custom_pass = inductor_options(settings=settings)["pre_grad_custom_pass"]
 
 
 def apply(model: nn.Module, *, inner="inductor", options: dict | None = None, global_pass: bool | None = None,
-          **settings) -> nn.Module:
+          settings: RewriteSettings | None = None, **rewrite_options) -> nn.Module:
     """Install graph_moe on `model`'s MoE blocks (taking them over from Unsloth) and compile each block.
 
     inner: the compiler run on the rewritten graphs; options: Inductor options (default: Unsloth's own).
     global_pass: also add the pass to the global Inductor config (default: when Unsloth is installed).
-    settings: the rewrite's (fuse_projections, router_topk, low_memory_4bit), as `graph_moe.make_backend` takes
-    them; default: what `enable()` was given.
+    settings, rewrite_options: the rewrite's `graph_moe.RewriteSettings` and any of its fields as keywords, as
+    `graph_moe.make_backend` takes them; default: what `enable()` was given.
     Idempotent: run it again after adapters are added or attached. Returns `model`.
     """
-    settings = {**_SETTINGS, **settings}
+    settings = RewriteSettings.of(settings or _enabled_settings, **rewrite_options)
     if unsloth_available() if global_pass is None else global_pass:
-        add_global_inductor_pass(**settings)
+        add_global_inductor_pass(settings)
     _take_over_from_unsloth(model)
     report = install(model)
     modules = dict(model.named_modules())
@@ -101,7 +103,7 @@ def apply(model: nn.Module, *, inner="inductor", options: dict | None = None, gl
         log.info("graph_moe: no supported MoE block in %s; left as it is\n%s", type(model).__name__, report)
         return model
     options = unsloth_compile_options() if options is None else options
-    backend = make_backend(inner, options=options if inner == "inductor" else None, **settings)
+    backend = make_backend(inner, options=options if inner == "inductor" else None, settings=settings)
     compiled = compile_regions(blocks, backend, keep_compiled=True, trace_once=True)
     model._graph_moe_install_report = report
     log.info("graph_moe: %d MoE block(s) installed, %d newly compiled", report.num_installed, compiled)
@@ -126,15 +128,15 @@ def _apply_after(func, owner: str):
     return wrapper
 
 
-def enable(**settings) -> bool:
+def enable(settings: RewriteSettings | None = None, **rewrite_options) -> bool:
     """Make every Unsloth load (and PEFT adapter attach) end with `apply`, with these rewrite settings (as
     `graph_moe.make_backend` takes them, e.g. low_memory_4bit=False). Returns False without Unsloth."""
+    global _enabled_settings
     if not unsloth_available():
         log.info("graph_moe: Unsloth is not installed; graph_moe.integrations.unsloth.enable() does nothing "
                  "(use graph_moe.compile(model) instead)")
         return False
-    _SETTINGS.clear()
-    _SETTINGS.update(settings)
+    _enabled_settings = RewriteSettings.of(settings, **rewrite_options)
     import unsloth  # noqa: F401  (Unsloth must be imported before transformers' models are built)
     from peft import PeftModel
 
