@@ -4,7 +4,8 @@
 whether a frozen weight was made trainable, PEFT's adapter state (active adapters, scaling, dropout, merged ...).
 When Dynamo traces them, each read becomes a guard that runs on every call. On an H200's host (torch 2.11) that
 cost 1.1 ms per call of a 128-expert decoder layer with frozen experts and 4.1 ms with PEFT LoRA: 50-200 ms a
-training step for a 48-layer model, before any GPU work (benchmarks/guard_cost.py).
+training step for a 48-layer model, before any GPU work (benchmarks/diagnostics/guard_host_time.py;
+benchmarks/records/h200_torch2.11_guard_host_time_regions.json).
 
 `verify` gathers the same facts with C-level passes over lists made once (`map`, list compares against copies
 made when the facts were last fully checked), then marks the layout `verified` for one call. The traced forward

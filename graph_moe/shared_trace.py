@@ -9,8 +9,8 @@ pass rewrites). `graph_moe.compile` needs none of it (each decoder layer is its 
 share, and expert 0's body is traced alone): in its regions the plain forward runs.
 
 Opt-in: what it saves on the CPU (aot_eager, 4 layers 25.6 -> 12.0 s) it mostly does not save on a GPU with Inductor
-(an H200, 4 Qwen3-30B-A3B-shaped layers with LoRA: first step 126 -> 104 s, graph_moe.compile 28 s; RESULTS.md,
-session 16).
+(an H200, 4 Qwen3-30B-A3B-shaped layers with LoRA: first step 126 -> 104 s, graph_moe.compile 28 s;
+docs/benchmarks.md, "Compile time").
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ find that chunk's row tiles from the offsets on the GPU (no host sync). Without 
 dequantize and torch._grouped_mm. It is opaque to AOTAutograd: traced into, that dequantize in the forward and the one
 in the backward would become one node (CSE), saved from forward to backward.
 
-What it costs (H200, Qwen3-30B-A3B, 4096 tokens; benchmarks/*session11*): the peak of a QLoRA layer's
-forward+backward 1.24 -> 0.69 GB (HF loop 0.74). The Triton GEMM runs 5-15% behind CUTLASS per call, and each chunk
-is a dequantize and a kernel launch from Python (~60 us of host time; ~0.3 ms a call with 4 chunks): 4.00 / 7.16 ->
-4.17 / 8.02 ms forward / forward+backward in session 11. Opt-in until session 20, when the layer's forward+backward
-measured 5.68 ms with whole stacks and 6.19 with this op (waited for, one run): both 49x or more the PEFT +
-bitsandbytes loop, so the default keeps the peak below the loop's.
+What it costs (H200, Qwen3-30B-A3B, 4096 tokens; docs/benchmarks.md): the peak of a QLoRA layer's forward+backward
+1.24 -> 0.69 GB (HF loop 0.74; benchmarks/records/h200_torch2.11_qwen3_peak_memory_qlora_4096.json). The Triton GEMM
+runs 5-15% behind CUTLASS per call (h200_torch2.11_grouped_mm_4bit_chunks.json), and each chunk is a dequantize and a
+kernel launch from Python (~60 us of host time; ~0.3 ms a call with 4 chunks): the layer's forward+backward measured
+5.68 ms with whole stacks and 6.19 with this op (waited for, one run; h200_torch2.11_qwen3_layer_lora_qlora_4096.json),
+both 49x or more the PEFT + bitsandbytes loop, so the default is this op, which keeps the peak below the loop's.
 
 A kernel that dequantized each weight tile in registers, inside the GEMM (no bf16 weights at all), was 12x slower
 than dequantize + torch._grouped_mm at 16384 tokens: every row tile dequantizes the tiles again, 8 times per weight
@@ -54,7 +54,7 @@ def _dequantized(packed: Tensor, absmax: Tensor, shape: list[int], blocksize: in
     return weights.view(experts, out, inner)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): chosen on an H200 by benchmarks/grouped_mm_4bit.py.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): chosen on an H200 by benchmarks/kernels/grouped_mm_4bit_chunks.py.
 CONFIG = (128, 256, 64, 8, 4)
 CHUNK_BYTES = 256 * 2**20  # the most dequantized weights alive at once
 

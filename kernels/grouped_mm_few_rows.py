@@ -5,17 +5,18 @@
 At a few rows per expert the grouped GEMM is bound by reading the weights once. torch._grouped_mm's CUTLASS tiles are
 128 rows tall, mostly empty there, and it read the Qwen3-30B-A3B experts at 2.5-3.0 TB/s on an H200; the persistent
 Triton kernel of triton_grouped_mm.py with 16- or 64-row tiles and four programs per SM read them at 3.2-4.4 TB/s
-(benchmarks/h200_torch2.11_qwen3_session12_small_m_grouped_mm.json; gate+up, ms CUTLASS -> Triton: 8 tokens 0.128
--> 0.090, 64 tokens 0.268 -> 0.192, 512 tokens 0.268 -> 0.208; from 256 rows per expert CUTLASS is as fast or
+(benchmarks/records/h200_torch2.11_few_rows_grouped_mm_tiles.json; gate+up, ms CUTLASS -> Triton: 8 tokens 0.118
+-> 0.086, 64 tokens 0.260 -> 0.187, 512 tokens 0.261 -> 0.207; from 256 rows per expert CUTLASS is as fast or
 faster). The choice is made on each call from the row count, which the host knows without a sync: one compiled graph
 serves every sequence length. Elsewhere (CPU, no Triton, other dtypes or sizes) the op is torch._grouped_mm.
 
 The pass emits it only where Inductor captures CUDA graphs (passes/emit_grouped.py, `_few_rows_op_fits`). One
 Qwen3-30B-A3B layer at 512 tokens on an H200, one process, the same compiled graph with the kernel and with CUTLASS
-(benchmarks/few_rows_ab.py; ..._session12_few_rows_ab.json), ms forward, waited for / back to back: with CUDA graphs
-0.687 / 0.528 -> 0.587 / 0.447 (2.0x / 1.6x one read of the weights, 0.287 ms); without them 1.18 / 0.75 -> 1.30 /
-1.19: the Triton path's host time (a launch from Python inside the custom op: 66 us per call against 31.5 through
-CUTLASS, benchmarks/few_rows_host.py, session 13) cost more than its GPU time saves on a host-bound layer.
+(benchmarks/kernels/few_rows_layer_ab.py; records/h200_torch2.11_qwen3_few_rows_kernel_layer_ab.json), ms waited for /
+back to back: with CUDA graphs, forward 0.636 / 0.522 -> 0.557 / 0.444 (1.9x / 1.5x one read of the weights, 0.289
+ms); without them, forward+backward 1.89 / 1.84 -> 2.13 / 2.10: the Triton path's host time (a launch from Python
+inside the custom op: 66 us per call against 31.5 through CUTLASS; benchmarks/kernels/few_rows_host_time.py) costs
+more than its GPU time saves on a host-bound layer.
 
 Only for weights that need no gradient (frozen experts, 4-bit stacks dequantized, LoRA's base weights): the backward
 is the input's gradient, the same op on b transposed. The pass emits torch._grouped_mm for trainable stacks.
@@ -29,7 +30,7 @@ from torch import Tensor
 from .triton_grouped_mm import run_groups, unsupported
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by the most rows per expert (on average) they serve best,
-# chosen on an H200 (benchmarks/small_m_grouped_mm.py); above the last, CUTLASS.
+# chosen on an H200 (benchmarks/kernels/few_rows_grouped_mm_tiles.py); above the last, CUTLASS.
 CONFIGS = ((8, (16, 256, 64, 8, 4)), (128, (64, 256, 64, 8, 4)))
 PROGRAMS_PER_SM = 4  # weight-bound: more loads in flight than one program per SM keeps
 

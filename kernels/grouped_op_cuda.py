@@ -6,7 +6,7 @@
 What takes this op is what torch._grouped_mm cannot take under torch.compile: PEFT's float32 adapters (its default)
 on a bf16 model, float32 and float16 models, and rows that are not 16-byte units. Its CPU kernel runs one matmul per
 group from offsets read on the host; on a GPU that read is a sync per GEMM, and PEFT's default LoRA made a
-4-layer Qwen3-30B-A3B-shaped training step take 190 ms on an H200 (benchmarks/whole_model_compile.py). Here the
+4-layer Qwen3-30B-A3B-shaped training step take 190 ms on an H200 (`graph-moe bench step`). Here the
 groups' row ranges are found on the GPU, so one launch does every group and CUDA graphs can capture it.
 
 Both kernels mask every edge (any K, N, rows per group, empty groups) and accumulate in float32. float32 inputs are
@@ -109,7 +109,8 @@ def grouped_rows(x: Tensor, w: Tensor, offs: Tensor, config=None) -> Tensor:
     if rows == 0:
         return y
     wide = 32 if x.dtype == torch.float32 else 64  # float32 tiles take twice the registers and shared memory
-    # 64 deep along K in every dtype: 10-25% faster than 32 at float32 LoRA shapes on an H200 (session 16's sweep)
+    # 64 deep along K in every dtype: 10-25% faster than 32 at float32 LoRA shapes on an H200
+    # (benchmarks/records/h200_torch2.11_fp32_grouped_op_tiles.json)
     block_m, block_n, block_k, warps, stages = config or (64, _block(n, 2 * wide), _block(k, 64), 4, 3)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
     _rows_kernel[grid](x, w, offs, y, rows, n, k, groups, x.stride(0), x.stride(1), w.stride(0), w.stride(1),

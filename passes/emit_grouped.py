@@ -526,7 +526,8 @@ def _few_rows_op_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     Inductor captures CUDA graphs (mode="reduce-overhead" / "max-autotune"): it picks a Triton kernel on each call
     when the experts get few rows (kernels/grouped_mm_few_rows.py). Without CUDA graphs its host time (a custom op and a
     Triton launch from Python: 35 us more per call) costs more than its GPU time saves (H200, 512 tokens, forward
-    back to back: 0.75 -> 1.19 ms in session 12, 0.81 -> 0.93 in session 13), so torch._grouped_mm stays."""
+    back to back: 0.81 -> 0.93 ms; benchmarks/records/h200_torch2.11_qwen3_few_rows_kernel_layer_ab.json), so
+    torch._grouped_mm stays."""
     return x.device.type == "cuda" and not w.requires_grad and bool(inductor_config.triton.cudagraphs)
 
 

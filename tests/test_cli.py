@@ -124,8 +124,8 @@ def test_bench_step_runs_on_the_cpu(tmp_path):
     """`graph-moe bench step` at a tiny shape on this CPU: a whole model's LoRA training step under graph_moe.compile
     against eager (the loss, every gradient compared), under the run's facts."""
     out = tmp_path / "step.json"
-    proc = _run("-m", "graph_moe", "bench", "step", "--layers", "2", "--num-experts", "4", "--top-k", "2", "--hidden", "32",
-                "--intermediate", "32", "--vocab", "64", "--tokens", "16", "--device", "cpu", "--inner", "aot_eager",
+    proc = _run("-m", "graph_moe", "bench", "step", "--layers", "2", "--num-experts", "4", "--top-k", "2", "--hidden",
+                "32", "--intermediate", "32", "--vocab", "64", "--tokens", "16", "--device", "cpu", "--inner", "aot_eager",
                 "--experts", "lora", "--variants", "graph_moe", "--steps", "1", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json

@@ -2,8 +2,8 @@
 experts, LoRA on every expert (one or two adapters) or on a few, gradient checkpointing, dynamic=True, padded
 batches, inference. float32, so compiled and eager agree to rounding: in bf16 a router near a tie may pick another
 expert. Each case compares loss and every gradient with an eager copy over two lengths; an expert that got no token
-has a zero gradient where the HF loop leaves None. Session 13's sweep of this kind found two crashes and a wrong
-4-bit layout that the per-feature tests had missed (test_models, test_reliability, test_qlora regressions)."""
+has a zero gradient where the HF loop leaves None. A sweep of this kind found two crashes and a wrong 4-bit layout
+that the per-feature tests had missed (the regression tests in test_models, test_reliability and test_qlora)."""
 
 from __future__ import annotations
 

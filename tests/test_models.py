@@ -72,7 +72,7 @@ def test_eight_sequence_lengths_compile_twice_and_stay_rewritten(dynamic):
 def test_dynamic_true_keeps_the_grouped_layout(experts):
     """graph_moe.compile(model, dynamic=True) on frozen experts (the grouped layout) and on LoRA over them: one
     dynamic graph over three lengths, rewritten with no per-forward weight copy, loss and gradients equal to eager.
-    Regression (session 13): the layout's stacks became dynamic too, so the pass copied their E rows on every forward
+    Regression: the layout's stacks became dynamic too, so the pass copied their E rows on every forward
     and then erased those rows' reads with the loop, crashing in torch.compile. In float32, where the two agree to
     rounding: in bf16, LoRA's scaling applied on the rank-wide output (layout.py) rounds differently from PEFT's, and
     a router near a tie in the next layer may pick another expert."""

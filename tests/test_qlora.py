@@ -103,7 +103,7 @@ def test_4bit_stacks_dequantize_to_each_experts_own_weights(saved_model, quant, 
 
 
 def test_4bit_rows_of_partial_blocks_are_not_laid_out_on_the_cpu(tmp_path):
-    """Regression (session 13): down_proj's in_features 96 is 1.5 blocks of 64, and bitsandbytes' CPU dequantize gave a
+    """Regression: down_proj's in_features 96 is 1.5 blocks of 64, and bitsandbytes' CPU dequantize gave a
     stack of such experts other numbers than each expert's own (logits off by 0.0036 in float32), which the bf16
     tolerance of the comparisons hid. On the CPU those experts are not laid out, the install report says why, and the
     compiled model equals bitsandbytes."""

@@ -439,7 +439,7 @@ class _RowsOfAStack(nn.Module):
 
 
 def test_stack_with_more_rows_than_experts_equals_eager():
-    """Regression (session 13): the rewrite stacked the experts' rows of w_in, then erased those rows' reads with the
+    """Regression: the rewrite stacked the experts' rows of w_in, then erased those rows' reads with the
     loop and crashed in the user's torch.compile. Now the reads stay, and output and gradients equal eager."""
     torch.manual_seed(11)
     module = Model(_RowsOfAStack().to(BF16))

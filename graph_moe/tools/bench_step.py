@@ -39,8 +39,8 @@ def build_model(args):
     """The benchmark's model, on `args.device` in bf16, from the options of `graph-moe bench step`."""
     import transformers as tf
 
-    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k, hidden=args.hidden,
-                         intermediate=args.intermediate, vocab=args.vocab)
+    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k,
+                         hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
     if args.qwen3_attention:  # Qwen3-30B-A3B's attention (make_config's 4 heads of hidden / 4 suit tiny models)
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = 32, 4, 128
     torch.manual_seed(0)
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     reference_loss = train_step(eager, ids)
     reference = grads(eager)
     results = {**run_facts("step", argv, args.device), "layers": args.layers, "tokens": args.tokens,
-               "num_experts": args.num_experts, "experts": args.experts, "adapters": "bf16" if args.bf16_adapters else "float32",
-               "eager_loss": reference_loss.item(), "runs": []}
+               "num_experts": args.num_experts, "experts": args.experts,
+               "adapters": "bf16" if args.bf16_adapters else "float32", "eager_loss": reference_loss.item(), "runs": []}
     del eager
     for variant in args.variants:
         torch._dynamo.reset()
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
 
 def table(results: dict) -> str:
     lines = [f"{results['card']}, torch {results['torch']}; {results['layers']} layers, {results['tokens']} tokens, "
-             f"{results['num_experts']} experts ({results['experts']}, {results['adapters']} adapters if LoRA); eager loss "
-             f"{results['eager_loss']:.5f}",
+             f"{results['num_experts']} experts ({results['experts']}, {results['adapters']} adapters if LoRA); "
+             f"eager loss {results['eager_loss']:.5f}",
              "| variant | first step (compile), s | step, ms | loss | median grad rel. error | graphs after step 1 |",
              "|---|---|---|---|---|---|"]
     for r in results["runs"]:
