@@ -16,7 +16,7 @@ compiled once per process (and cached on disk by Triton), so the rewrite is on b
 Equal values: each step takes the lowest index of the row's maximum (torch.max's documented rule), so ties at the
 k-th value go to the lowest indices. ATen's CUDA kernel does the same (it writes the values equal to the k-th in index
 order); its CPU kernel chooses otherwise, so the pass replaces top-k only on the devices in `DEVICES`, where the
-chosen experts are the eager ones. The rule is checked on the GPU by tests/test_router_topk.py's CUDA tests.
+chosen experts are the eager ones. The rule is checked on the GPU by tests/kernels/test_router_topk.py's CUDA tests.
 Scores from a softmax only: they are never -inf, so a masked winner can never tie a real score. A NaN counts as the
 largest score, as in torch.topk, so the chosen index is always a real expert.
 """

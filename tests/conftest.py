@@ -1,11 +1,15 @@
+"""Fixtures for every test. pytest imports this file with tests/ put first on sys.path (no __init__.py here: its
+default "prepend" import mode), so the tests in tests/kernels/ import the shared helpers (helpers.py, tiny_models.py,
+moe_blocks.py) as the tests here do, run alone or with the rest."""
+
 import pytest
 import torch
 import transformers
 
 from graph_moe.report import reset_counters
 
-# The tests here are written against transformers 4.57; under 5.x only tests/transformers5 applies.
-collect_ignore_glob = ["test_*.py"] if int(transformers.__version__.split(".")[0]) >= 5 else []
+# The tests here (and in kernels/) are written against transformers 4.57; under 5.x only tests/transformers5 applies.
+collect_ignore_glob = ["test_*.py", "kernels/test_*.py"] if int(transformers.__version__.split(".")[0]) >= 5 else []
 
 
 @pytest.fixture(autouse=True)
