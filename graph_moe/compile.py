@@ -143,7 +143,8 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, trace_once
 
 
 def compile(model: nn.Module, *, inner="inductor", regional: bool = True, settings: RewriteSettings | None = None,
-            stack_experts: bool = False, trace_experts_once: bool = True, **torch_compile_kwargs) -> nn.Module:
+            stack_experts: bool = False, trace_experts_once: bool = True, keep_transformers_grouped: bool = False,
+            **torch_compile_kwargs) -> nn.Module:
     """Install graph_moe on `model` and compile it with the graph_moe backend, in place.
 
     inner: the compiler run on the rewritten graphs ("inductor", "aot_eager", "eager" or a backend).
@@ -156,12 +157,14 @@ def compile(model: nn.Module, *, inner="inductor", regional: bool = True, settin
     trace_experts_once: let Dynamo trace expert 0's body alone for a loop whose experts are uniform by construction
         (laid out, no per-expert adapters), which the pass then groups over every expert: a 128-expert layer compiles
         in about half the time. Off: every body traced and proven, as with `graph_moe.backend`.
+    keep_transformers_grouped: passed to `graph_moe.install` (leave transformers 5.x experts running transformers'
+        own grouped_mm / batched_mm forward as they are; by default graph_moe takes them over).
     torch_compile_kwargs: passed to torch.compile (mode=, options=, dynamic=, fullgraph=, ...), less the rewrite's
         settings.
     Returns `model`, whose calls now run compiled; `model._graph_moe_install_report` says what was installed.
     """
     settings = RewriteSettings.pop_from(torch_compile_kwargs, settings)
-    report = install(model, stack_experts=stack_experts)
+    report = install(model, stack_experts=stack_experts, keep_transformers_grouped=keep_transformers_grouped)
     backend = make_backend(inner, settings=settings)
     regions = decoder_layers(model, report) if regional else [model]
     if not regions:

@@ -11,6 +11,7 @@ pytest.importorskip("transformers", minversion="5", reason="transformers 5.x tes
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from packaging import version  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.integrations.moe import use_experts_implementation  # noqa: E402
 from transformers.models.mixtral import modeling_mixtral  # noqa: E402
@@ -141,4 +142,7 @@ def test_checkpointed_layers_rewritten_and_equal(family):
     model = build(family, experts_implementation="eager", dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep = check_model_rewritten(model, blocks=2)
-    assert any(name.startswith("wrap_body") for graph in keep.graphs for name, _ in graph.named_children())
+    # transformers 5.24 and later run the checkpointed layer as a higher-order op (its body a submodule); earlier 5.x
+    # releases trace it inline
+    if version.parse(transformers.__version__) >= version.parse("5.24"):
+        assert any(name.startswith("wrap_body") for graph in keep.graphs for name, _ in graph.named_children())
