@@ -46,12 +46,16 @@ def build_model(args):
     torch.manual_seed(0)
     with torch.device(args.device):
         model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    if args.experts == "full":  # full fine-tuning: every parameter trains
+        return model
     model.requires_grad_(False)
     if args.experts == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, target_modules=["gate_proj", "up_proj", "down_proj"],
-                                                 init_lora_weights=False),
+        # transformers 5.x holds the experts as 3D parameters: PEFT reaches them through target_parameters
+        targets = (dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+                   if tf.__version__ >= "5" else dict(target_modules=["gate_proj", "up_proj", "down_proj"]))
+        model = get_peft_model(model, LoraConfig(r=16, init_lora_weights=False, **targets),
                                autocast_adapter_dtype=not args.bf16_adapters)
     else:  # frozen experts: train the attention projections, as a LoRA elsewhere would
         for layer in model.model.layers:
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--experts", choices=["frozen", "lora"], default="lora")
+    p.add_argument("--experts", choices=["frozen", "lora", "full"], default="lora",
+                   help="frozen experts (attention trained), PEFT LoRA r=16 on the experts, or full fine-tuning")
     p.add_argument("--qwen3-attention", action="store_true",
                    help="Qwen3-30B-A3B's attention: 32 heads, 4 KV heads, head_dim 128 (without it: 4 heads of "
                         "hidden / 4)")
@@ -93,8 +98,9 @@ def main(argv=None) -> int:
                    help="LoRA adapters in the model's bf16 (PEFT's default keeps them in float32)")
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
                    choices=["backend", "backend_shared", "backend_dynamo_guards", "graph_moe",
-                            "graph_moe_dynamo_guards"],
-                   help="backend: graph_moe.backend on the whole model; backend_shared: the same after "
+                            "graph_moe_dynamo_guards", "torch_compile"],
+                   help="torch_compile: plain torch.compile(model) of the model as loaded (transformers 5.x: its own "
+                        "grouped_mm experts), the peer; backend: graph_moe.backend on the whole model; backend_shared: the same after "
                         "install(shared_block_trace=True); graph_moe: graph_moe.compile (a region per decoder layer); "
                         "*_dynamo_guards: the layout's per-expert facts guarded by Dynamo instead of checked in plain "
                         "Python around each call (graph_moe/layout_check.py switched off): what that check saves")
@@ -122,7 +128,11 @@ def main(argv=None) -> int:
             patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
             patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
         model = copy.deepcopy(base)
-        if variant.startswith("graph_moe"):
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if variant == "torch_compile":
+            call = torch.compile(model)
+        elif variant.startswith("graph_moe"):
             graph_moe.compile(model, inner=args.inner)
             call = model
         else:
@@ -151,6 +161,7 @@ def main(argv=None) -> int:
                     for key in ("self_cuda_time_total", "self_cpu_time_total"):
                         f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
         run = {"variant": variant, "first_step_s": first, "step_ms": 1e3 * sorted(times)[len(times) // 2],
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if args.device == "cuda" else None,
                "loss": loss.item(), "grads_compared": len(errors), "missing_grads": sorted(set(reference) - set(got)),
                "graphs_compiled_after_first_step": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
                "max_grad_rel_err": max(errors.values()),
@@ -172,9 +183,11 @@ def table(results: dict) -> str:
     lines = [f"{results['card']}, torch {results['torch']}; {results['layers']} layers, {results['tokens']} tokens, "
              f"{results['num_experts']} experts ({results['experts']}, {results['adapters']} adapters if LoRA); "
              f"eager loss {results['eager_loss']:.5f}",
-             "| variant | first step (compile), s | step, ms | loss | median grad rel. error | graphs after step 1 |",
-             "|---|---|---|---|---|---|"]
+             "| variant | first step (compile), s | step, ms | peak GB | loss | median grad rel. error | "
+             "graphs after step 1 |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        lines.append(f"| {r['variant']} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | {r['loss']:.5f} | "
+        peak = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | {peak} | {r['loss']:.5f} | "
                      f"{r['median_grad_rel_err']:.3g} | {r['graphs_compiled_after_first_step']} |")
     return "\n".join(lines)
