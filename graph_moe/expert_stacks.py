@@ -6,8 +6,8 @@ Glossary (one meaning a word, in graph_moe):
 - slice: an expert's Linear whose `weight` is its rows of a stack, read afresh on every access (`StackSlice`).
 - stacked (experts, adapters): whose stacks are parameters of an owner module under the MoE block, the experts'
   Linears slices of them. The pass's torch.stack of per-expert weights in the graph is "stacking per forward".
-- layout: a block's expert weights laid out once as stacks for the grouped GEMMs (layout.py), as plain tensors that
-  the expert weights are views of, or, stacked, the owner's parameters.
+- layout: a block's expert weights laid out once as stacks for the grouped GEMMs (layout.py, `ExpertLayout`), plain
+  tensors the expert weights are views of or, stacked, the owner's parameters; never a tensor's strides.
 
 `ExpertStacks` is the mechanism both stacked experts (stacked_experts.py) and stacked LoRA adapters
 (stacked_adapters.py) use: turning Linears into slices and back, and state-dict hooks that keep each expert's own key
@@ -89,7 +89,8 @@ class ExpertStacks:
             for field in _FIELDS:
                 del module.__dict__[field]
             module.__class__ = nn.Linear
-            module.weight = nn.Parameter(weight.clone() if self.copy_on_unstack else weight, requires_grad=requires_grad)
+            weight = weight.clone() if self.copy_on_unstack else weight
+            module.weight = nn.Parameter(weight, requires_grad=requires_grad)
         block._modules.pop(self.owner_name, None)
         # (A deep copy's hook handles may point at the original's hooks: the hooks do nothing without the owner.)
         for handle in block.__dict__.pop(self._hooks, ()):

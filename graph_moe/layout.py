@@ -17,7 +17,7 @@ same facts in plain Python before each call instead (layout_check.py), far cheap
 the views. Assigning a new tensor to `weight.data` by hand bypasses all of this: call `graph_moe.install(model)`
 again after it.
 When any check fails the forward falls back to calling the expert modules, which the pass groups by
-stacking: slower, never stale.
+stacking their weights per forward: slower, never stale. (Terms: expert_stacks.py.)
 """
 
 from __future__ import annotations
@@ -34,14 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graph_moe.expert_stacks import DTensor
 from graph_moe.families.common import gated_experts, to_dtype
 from graph_moe.stacked_adapters import OWNER as ADAPTERS
 from graph_moe.stacked_experts import is_stacked, stack_experts, unstack_experts
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = ()
 
 _ATTR = "_graph_moe_layout"
 log = logging.getLogger("graph_moe")

@@ -6,9 +6,9 @@ layer (768 for Qwen3-30B-A3B). The grouped graph reads them all: each step that 
 the autograd engine; host work that, at 4096 tokens, takes several times longer than the GPU's.
 
 Stacked, each (projection, adapter) pair owns two parameters, `lora_A` (E, r, in) and `lora_B` (E, out, r), in
-`block.graph_moe_adapters.<projection>.<adapter>`; each expert's PEFT Linear stays in place, with a `weight` that is
-row e of the stack (expert_stacks.py), taken afresh on every read (so eager PEFT code, merges and gradients go through the stack).
-The grouped graph reads the stacks as they are: no copy, one gradient per stack.
+`block.graph_moe_adapters.<projection>.<adapter>`; each expert's PEFT Linear stays in place, with a `weight` that is row
+e of the stack (expert_stacks.py), taken afresh on every read (so eager PEFT code, merges and gradients go through the
+stack). The grouped graph reads the stacks as they are: no copy, one gradient per stack.
 
 What changes for the user: `model.parameters()` yields the stacks instead of the per-expert adapter weights, so
 create the optimizer after `graph_moe.install`/`graph_moe.compile` (as after `get_peft_model`). `state_dict()` and
@@ -122,6 +122,7 @@ def split_stacked(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     PEFT's per-expert names: what the same model without stacked adapters would list."""
     def rows_of_stack(block: str, stack: str, value: torch.Tensor):
         _, projection, adapter, role = stack.split(".")
-        return {f"{block}.experts.{e}.{projection}.{role}.{adapter}.weight": row for e, row in enumerate(value.unbind())}
+        return {f"{block}.experts.{e}.{projection}.{role}.{adapter}.weight": row
+                for e, row in enumerate(value.unbind())}
 
     return _STACKS.split_names(tensors, rows_of_stack)

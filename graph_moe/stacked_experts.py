@@ -10,12 +10,12 @@ BE the parameters:
 - Trained experts (full fine-tuning): each expert weight's gradient would come from splitting the stack's gradient;
   one parameter per projection gets the grouped GEMM's gradient as it is.
 
-Stacked, `block.graph_moe_experts` owns `gate_up` and `down` (nn.Parameter); each expert's gate/up/down Linear
-becomes an `ExpertWeightSlice` whose `weight` is its rows of the stack (expert_stacks.py), taken afresh on every read (eager code, PEFT
-wrappers and merges go through the stack). `state_dict()`/`load_state_dict()` keep the per-expert keys (hooks split
-and join the stacks); sharded stacks (DTensor) are saved as they are, under the stack's key, so that distributed
-checkpoints stay sharded (load them into a model installed with `stack_experts=True`). `uninstall` gives each expert
-a parameter again (a view of its rows). Create the optimizer after install: `model.parameters()` yields the stacks.
+Stacked, `block.graph_moe_experts` owns `gate_up` and `down` (nn.Parameter); each expert's gate/up/down Linear becomes
+an `ExpertWeightSlice` whose `weight` is its rows of the stack (expert_stacks.py), taken afresh on every read (eager
+code, PEFT wrappers and merges go through the stack). `state_dict()`/`load_state_dict()` keep the per-expert keys (hooks
+split and join the stacks); sharded stacks (DTensor) are saved as they are, under the stack's key, so that distributed
+checkpoints stay sharded (load them into a model installed with `stack_experts=True`). `uninstall` gives each expert a
+parameter again (a view of its rows). Create the optimizer after install: `model.parameters()` yields the stacks.
 """
 
 from __future__ import annotations
