@@ -26,6 +26,7 @@ for _folder in ("kernels", "passes"):
 from graph_moe.backend import backend, make_backend  # noqa: E402
 from graph_moe.compile import capture_settings, compile  # noqa: E402
 from graph_moe.tools.dump import DumpIndex, dump  # noqa: E402
+from graph_moe.experts_4bit import quantize_experts_4bit  # noqa: E402
 from graph_moe.explain import Explanation, explain  # noqa: E402
 from graph_moe.inductor_pass import GraphMoePass, inductor_options, inductor_pass  # noqa: E402
 from graph_moe.install import InstallReport, install, uninstall  # noqa: E402
@@ -34,4 +35,4 @@ from graph_moe.report import LoopReport, counter_snapshot  # noqa: E402
 
 __all__ = ["backend", "make_backend", "compile", "capture_settings", "explain", "Explanation", "dump", "DumpIndex",
            "install", "uninstall", "InstallReport", "LoopReport", "counter_snapshot", "inductor_pass", "inductor_options",
-           "GraphMoePass", "RewriteSettings"]
+           "GraphMoePass", "RewriteSettings", "quantize_experts_4bit"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
 from graph_moe.families import transformers5_generic
@@ -60,7 +61,7 @@ def lora_wrapper_forward(self, x, *args, **kwargs):
 WRAPPER_FORWARDS = frozenset({lora_wrapper_forward})
 
 
-def _bindable(wrapper: nn.Module, linear_reads: frozenset[str]) -> str | None:
+def _bindable(wrapper: nn.Module, linear_reads: tuple[str, ...]) -> str | None:
     if not all(hasattr(wrapper, a) for a in ("parameter_name", "get_delta_factors", "lora_A", "base_layer")):
         return f"{type(wrapper).__name__} is not a PEFT ParamWrapper with get_delta_factors (peft >= 0.21)"
     if wrapper.parameter_name not in linear_reads:
@@ -84,12 +85,12 @@ def bind_lora_wrappers(experts: nn.Module, wrappers: list[nn.Module]) -> str:
             bound.append(wrapper.parameter_name)
         else:
             left.append(why)
-    text = "3D, stacked by the model"
+    four_bit = [name for name in linear_reads if not isinstance(getattr(experts, name, None), torch.Tensor)]
+    text = "3D, stacked by the model" + (f"; {', '.join(four_bit)} in 4-bit" if four_bit else "")
     if implementation(experts) != "eager":
         text += f" (took over experts_implementation={implementation(experts)!r})"
     if bound:
-        order = list(experts._parameters)  # the class's own order: gate_up_proj, down_proj
-        bound = sorted(set(bound), key=lambda name: order.index(name) if name in order else len(order))
+        bound = [name for name in linear_reads if name in bound]  # in the loop's order: gate_up_proj, down_proj
         text += f"; LoRA on {', '.join(bound)} as grouped GEMMs"
     if left:
         text += f"; left to PEFT (weights rebuilt per forward): {'; '.join(left)}"

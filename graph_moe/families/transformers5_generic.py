@@ -101,10 +101,11 @@ def register(cls: type) -> str | None:
     return None
 
 
-def linear_reads(cls: type) -> frozenset[str]:
-    """The parameters the derived loop of `cls` reads only as `F.linear(x, self.<name>[e])` (LoRA can be added)."""
+def linear_reads(cls: type) -> tuple[str, ...]:
+    """The parameters the derived loop of `cls` reads only as `F.linear(x, self.<name>[e])` (LoRA can be added), in
+    the order the loop reads them."""
     derived = _RANGE_FORWARDS.get(cls)
-    return derived.graph_moe_reads.linear if derived is not None else frozenset()
+    return derived.graph_moe_reads.linear if derived is not None else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ExpertReads:
     """What the loop body reads per expert, besides the mask row: `self.<name>[e]` for each name in `stacks`, of
     which those in `linear` only as `F.linear(x, self.<name>[e])`; `other`: it also indexes something else by e."""
     stacks: frozenset[str]
-    linear: frozenset[str]
+    linear: tuple[str, ...]  # in the order the loop first reads them
     other: bool
 
 
@@ -123,7 +124,13 @@ class ExpertLoop:
     def __init__(self, experts, reads: ExpertReads, lora: dict):
         self.lora = lora
         self.total = experts.num_experts
-        stacks = [getattr(experts, name, None) for name in sorted(reads.stacks)]
+        # A stack held in 4-bit (graph_moe/experts_4bit.py) is dequantized once per forward, for every expert's read
+        self.weights = {}
+        for name in reads.linear:
+            value = getattr(experts, name, None)
+            if value is not None and not isinstance(value, torch.Tensor):
+                self.weights[name] = value.dequantize(experts)
+        stacks = [self.weights.get(name, getattr(experts, name, None)) for name in sorted(reads.stacks)]
         stacks += [t for factors in lora.values() for a, b, _ in factors for t in (a, b)]
         # Expert 0's body stands for every expert's only when each per-expert read is row e of a tensor with one row
         # per expert (a parametrized weight is rebuilt in the graph: traced whole).
@@ -134,7 +141,7 @@ class ExpertLoop:
         self.num_experts = 1 if self.once else self.total
 
     def linear(self, x, stack, name, e):
-        out = F.linear(x, stack[e])
+        out = F.linear(x, self.weights.get(name, stack)[e])
         for a_stack, b_stack, scaling in self.lora.get(name, ()):
             out = out + F.linear(F.linear(x, a_stack[e]), b_stack[e]) * scaling
         return out
@@ -343,10 +350,11 @@ class _ExpertReads(ast.NodeTransformer):
 
     def __init__(self, expert: str, self_name: str, mask: str, original):
         self.expert, self.self_name, self.mask, self.original = expert, self_name, mask, original
-        self.linear, self.plain, self.other = set(), set(), False
+        self.linear, self.plain, self.other = {}, set(), False  # linear: a dict for the order of first reads
 
     def result(self) -> ExpertReads:
-        return ExpertReads(frozenset(self.linear | self.plain), frozenset(self.linear - self.plain), self.other)
+        return ExpertReads(frozenset(self.linear) | frozenset(self.plain),
+                           tuple(name for name in self.linear if name not in self.plain), self.other)
 
     def _row_of_self(self, node) -> str | None:
         """`p` for `self.<p>[e]`."""
@@ -360,7 +368,7 @@ class _ExpertReads(ast.NodeTransformer):
         name = self._row_of_self(node.args[1]) if len(node.args) == 2 and not node.keywords else None
         if name is None or not _resolves_to(node.func, self.original, torch.nn.functional.linear):
             return self.generic_visit(node)
-        self.linear.add(name)
+        self.linear[name] = None
         return ast.Call(func=ast.Attribute(ast.Name(_LOOP, ast.Load()), "linear", ast.Load()),
                         args=[self.visit(node.args[0]), node.args[1].value, ast.Constant(name),
                               ast.Name(self.expert, ast.Load())], keywords=[])
