@@ -9,19 +9,15 @@ import importlib.util as _util
 import os as _os
 import sys as _sys
 
-# From a source checkout that is not installed (PYTHONPATH=.), load graph_moe.passes and graph_moe.kernels from
-# ../passes and ../kernels; installs (editable or not) get them through setuptools' package-dir mapping. The checkout
-# root never goes on __path__: it holds graph_moe/ itself, and torch walks this package's submodules when TORCH_LOGS
-# names graph_moe. kernels first: passes imports it.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-for _folder in ("kernels", "passes"):
-    _path = _os.path.join(_root, _folder)
-    if _util.find_spec(f"graph_moe.{_folder}") is None and _os.path.isfile(_os.path.join(_path, "__init__.py")):
-        _spec = _util.spec_from_file_location(f"graph_moe.{_folder}", _os.path.join(_path, "__init__.py"),
-                                              submodule_search_locations=[_path])
-        _sys.modules[f"graph_moe.{_folder}"] = _module = _util.module_from_spec(_spec)
-        _spec.loader.exec_module(_module)
-        globals()[_folder] = _module
+# From a source checkout that is not installed (PYTHONPATH=.), load graph_moe.passes from ../passes; installs
+# (editable or not) get it through setuptools' package-dir mapping. The checkout root never goes on __path__: it holds
+# graph_moe/ itself, and torch walks this package's submodules when TORCH_LOGS names graph_moe.
+_passes = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "passes")
+if _util.find_spec("graph_moe.passes") is None and _os.path.isfile(_os.path.join(_passes, "__init__.py")):
+    _spec = _util.spec_from_file_location("graph_moe.passes", _os.path.join(_passes, "__init__.py"),
+                                          submodule_search_locations=[_passes])
+    _sys.modules["graph_moe.passes"] = passes = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(passes)
 
 from graph_moe.backend import backend, make_backend  # noqa: E402
 from graph_moe.compile import capture_settings, compile  # noqa: E402

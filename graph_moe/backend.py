@@ -88,7 +88,7 @@ def make_backend(inner: str | Callable = "inductor", *, mode: str | None = None,
     def graph_moe_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         mode_, options_ = kwargs.get("mode", mode), {**(options or {}), **(kwargs.get("options") or {})}
         # the rewrite sees the Inductor config the graph compiles under (as a pass inside Inductor does): under CUDA
-        # graphs it emits kernels whose host cost the graphs remove (kernels/grouped_mm_few_rows.py)
+        # graphs it emits kernels whose host cost the graphs remove (graph_moe/kernels/grouped_mm_few_rows.py)
         with torch._inductor.config.patch(_inductor_patches(mode_, options_) if inner == "inductor" else {}):
             reports = rewrite_moe_loops(gm, settings)
         record(reports)

@@ -11,7 +11,7 @@ that is each expert quantized on its own), and keeps it as two buffers of the ex
 
 The parameter itself is replaced by an `Experts4bit` attribute that says how to read them. graph_moe's loop
 (families/transformers5_generic.py) dequantizes the stack once per forward, `dequantize_4bit(packed, absmax, ...)
-.view(E, out, in)`, which the pass turns into its 4-bit grouped GEMM (kernels/grouped_mm_4bit.py: a few experts
+.view(E, out, in)`, which the pass turns into its 4-bit grouped GEMM (graph_moe/kernels/grouped_mm_4bit.py: a few experts
 dequantized at a time, by default), as for 4.x QLoRA experts. PEFT `target_parameters` LoRA goes on top as usual
 (before or after quantizing): the adapters train, the 4-bit weights do not.
 

@@ -172,12 +172,12 @@ class ExpertLayout:
         return to_dtype(result, dtype)
 
 
-def _is_4bit(module: nn.Module) -> bool:
+def is_4bit(module: nn.Module) -> bool:
     """A bitsandbytes Linear4bit (checked by name: bitsandbytes stays an optional import)."""
     return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
-def _base(module: nn.Module) -> nn.Module:
+def base_linear(module: nn.Module) -> nn.Module:
     """The Linear under a PEFT LoRA wrapper, or the module itself (`usable_layout` has the same test inline)."""
     return module._modules.get("base_layer", module) if "lora_A" in module._modules else module
 
@@ -234,12 +234,12 @@ def _why_not(block: nn.Module, names, stacked: bool = False) -> str | None:
             module = getattr(expert, name, None)
             if not isinstance(module, nn.Module):
                 return f"experts[{e}] has no module {name}"
-            lin = _base(module)
+            lin = base_linear(module)
             if module is not lin and not _plain_lora(module):
                 return f"experts[{e}].{name} is a LoRA layer in a state graph_moe does not lay out (merged, DoRA, ...)"
-            if type(lin) is not nn.Linear and not _is_4bit(lin):
+            if type(lin) is not nn.Linear and not is_4bit(lin):
                 return f"experts[{e}].{name} is a {type(lin).__name__}, not a plain nn.Linear or bitsandbytes Linear4bit"
-            if _is_4bit(lin):
+            if is_4bit(lin):
                 why = _why_not_4bit(lin)
                 if why:
                     return f"experts[{e}].{name}: {why}"
@@ -351,8 +351,8 @@ def _stack_plain(linears) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _build(block: nn.Module, names, stacked: bool = False) -> ExpertLayout:
     experts = gated_experts(block)
-    linears = [tuple(_base(getattr(x, n)) for n in names) for x in experts]
-    four_bit = _is_4bit(linears[0][0])
+    linears = [tuple(base_linear(getattr(x, n)) for n in names) for x in experts]
+    four_bit = is_4bit(linears[0][0])
     gate_up, down = (_stack_4bit if four_bit else _stack_plain)(linears)
     # A stack's shape never changes (a new layout makes new tensors): static even under torch.compile(dynamic=True).
     # With a symbolic expert count the pass cannot tell that stack[e] for e < E is the whole stack, and copies the E
@@ -460,7 +460,7 @@ def usable_layout(block: nn.Module) -> ExpertLayout | None:
         for name in names:
             module = modules[name]
             wrapped = "lora_A" in module._modules
-            lin = module._modules.get("base_layer", module) if wrapped else module  # _base, inlined
+            lin = module._modules.get("base_layer", module) if wrapped else module  # base_linear, inlined
             # The slot mark rather than `lin is layout.linears[e][i]`: Dynamo guards an `is` between two objects
             # with a Python lambda, an integer with a C++ check (3 x E of them on every call), and the same
             # integers in every layer keep one compiled graph for all decoder layers.

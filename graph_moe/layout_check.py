@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from graph_moe.families.common import gated_experts
-from graph_moe.layout import _base, layout_of, usable_layout
+from graph_moe.layout import base_linear, layout_of, usable_layout
 from graph_moe.stacked_adapters import OWNER as ADAPTERS
 
 _MISSING = object()
@@ -67,7 +67,7 @@ class _Facts:
         dropouts = [d for m in wrappers if isinstance(m._modules.get("lora_dropout"), nn.ModuleDict)
                     for d in m._modules["lora_dropout"]._modules.values()]
         self.dropout_dicts = [d.__dict__ for d in dropouts]
-        lins = list(map(_base, projections))
+        lins = list(map(base_linear, projections))
         # The frozen weights whose requires_grad is read on every call (a stacked or 4-bit layout has none to read)
         self.weight_dicts = [] if layout.four_bit else [lin._parameters for lin in lins
                                                         if lin._parameters.get("weight") is not None]

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from graph_moe.families import common
-from graph_moe.layout import _is_4bit
+from graph_moe.layout import is_4bit
 
 # torch 2.11's Dynamo fails on a shared trace of 4-bit (bitsandbytes) experts with LoRA, comparing the
 # invoke_subgraph bodies ("KeyError: example_value"); torch 2.13 takes it (2.12 untried).
@@ -30,7 +30,7 @@ TAKES_4BIT = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
 
 def can_share(block: torch.nn.Module) -> bool:
     """Whether this torch's Dynamo traces `block` as a shared region."""
-    return TAKES_4BIT or not any(map(_is_4bit, block.modules()))
+    return TAKES_4BIT or not any(map(is_4bit, block.modules()))
 
 
 @functools.cache  # one twin per family forward

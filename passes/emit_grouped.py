@@ -13,7 +13,7 @@
     combined = unsort_rows(rows, row_of_slot, slot_of_row).unflatten(0, (-1, K)), slot 0 + ... + slot K-1
 
 The combine un-permutes and adds the k slots: a gather (whose backward is a gather too, or a scatter without
-padding rows, kernels/row_order.py) and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
+padding rows, graph_moe/kernels/row_order.py) and k - 1 elementwise adds, one fused kernel; no atomics forward or backward.
 Every new node gets an `example_value`, computed on the graph's fake tensors.
 """
 
@@ -154,7 +154,7 @@ def _recompute_producers(stack: fx.Node, limit: int = 12) -> list[fx.Node]:
 
 def _sink_to_first_use(graph: fx.Graph, nodes) -> None:
     """Move pure nodes down to just before their first user, last producer first; erase those nothing reads any
-    more (the dequantized 4-bit stack where the grouped GEMM reads the packed one, kernels/grouped_mm_4bit.py).
+    more (the dequantized 4-bit stack where the grouped GEMM reads the packed one, graph_moe/kernels/grouped_mm_4bit.py).
 
     The traced forward computes every stack before the loop (`ExpertLayout.stacks()`), so the 4-bit layout's
     dequantized gate+up and down stacks (805 and 403 MB at the Qwen3-30B-A3B shape) were alive together; moved next
@@ -269,7 +269,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, settings: RewriteSettings):
             continue
         if token_dim == 0 and isinstance(k, int) and _gathers_token_rows(node, loop):
             # x[top_x]: rows moved into expert order (a scatter from token order, or a gather), whose gradient adds
-            # each token's k rows by gathering them (kernels/row_order.py)
+            # each token's k rows by gathering them (graph_moe/kernels/row_order.py)
             env[node] = b.call(torch.ops.graph_moe.gather_token_rows, node.args[0], env[node.args[1]], row_of_slot, k,
                                padding_rows, name="token_rows")
             continue
@@ -314,7 +314,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, settings: RewriteSettings):
             b.graph.erase_node(own_input)
     rows_out = env[next(s.source for s in cand.steps if s.expert == 0)]
     # Back to (token, slot) order by a gather whose gradient moves rows back without atomics (a scatter, or a gather;
-    # kernels/row_order.py), fused with the slot adds.
+    # graph_moe/kernels/row_order.py), fused with the slot adds.
     by_token = b.call(torch.ops.graph_moe.unsort_rows, rows_out, row_of_slot, slot_of_row, padding_rows,
                       name="rows_by_token")
     by_token = b.method("unflatten", by_token, 0, (-1, k), name="rows_by_token_slot")
@@ -334,7 +334,7 @@ def _emit_grouped(b: _Builder, loop: ProvenLoop, settings: RewriteSettings):
 
 def _scaled_by_routing_weight(b: _Builder, hidden: fx.Node, weight: fx.Node) -> fx.Node:
     """hidden * weight, the rows scaled before the down projection (early_scale.py); silu(gate) * up * w as one op
-    whose backward reads each row once (kernels/swiglu.py). The weight (rows x 1) is saved for the backward: recomputed,
+    whose backward reads each row once (graph_moe/kernels/swiglu.py). The weight (rows x 1) is saved for the backward: recomputed,
     Inductor gathered it again through the int64 token and slot numbers in every element of the activation's
     gradient kernel."""
     weight.meta["recompute"] = CheckpointPolicy.MUST_SAVE
@@ -445,7 +445,7 @@ def _aligned_groups(b: _Builder, sorted_ids, token_order, offsets, rows, num_exp
 
 
 def _padding_rows(b: _Builder, padded, counts, padded_ends, padded_rows, num_experts: int, align: int):
-    """The padding rows as a static-length int64 list (for the row scatters, which zero them; kernels/row_order.py):
+    """The padding rows as a static-length int64 list (for the row scatters, which zero them; graph_moe/kernels/row_order.py):
     each expert's last padded - counts rows (fewer than `align`), then the rows past the last expert's padded end
     (fewer than E * (align - 1) + align). Unused entries are `padded_rows`, one past the end."""
     device = example_value(padded).device
@@ -524,7 +524,7 @@ def _grouped(b: _Builder, x, w, offsets, linears, row_expert, name, low_memory_4
 def _few_rows_op_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """graph_moe::grouped_mm_few_rows stands in for torch._grouped_mm on CUDA where the weights need no gradient and
     Inductor captures CUDA graphs (mode="reduce-overhead" / "max-autotune"): it picks a Triton kernel on each call
-    when the experts get few rows (kernels/grouped_mm_few_rows.py). Without CUDA graphs its host time (a custom op and a
+    when the experts get few rows (graph_moe/kernels/grouped_mm_few_rows.py). Without CUDA graphs its host time (a custom op and a
     Triton launch from Python: 35 us more per call) costs more than its GPU time saves (H200, 512 tokens, forward
     back to back: 0.81 -> 0.93 ms; benchmarks/records/h200_torch2.11_qwen3_few_rows_kernel_layer_ab.json), so
     torch._grouped_mm stays."""

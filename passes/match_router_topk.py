@@ -1,5 +1,5 @@
 """Where the routed expert ids are the top-k of a softmax, the top-k node becomes graph_moe::router_topk
-(kernels/router_topk.py): one Triton kernel on CUDA instead of ATen's radix select, choosing the same experts.
+(graph_moe/kernels/router_topk.py): one Triton kernel on CUDA instead of ATen's radix select, choosing the same experts.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Where the rewritten rows are a SwiGLU scaled by the routing weight, silu(gate) * up * w, with gate and up the two
-halves of the fused gate+up GEMM: those nodes become one graph_moe::swiglu_scaled (kernels/swiglu.py), whose backward
+halves of the fused gate+up GEMM: those nodes become one graph_moe::swiglu_scaled (graph_moe/kernels/swiglu.py), whose backward
 reads each row once.
 """
 

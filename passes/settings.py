@@ -14,9 +14,9 @@ class RewriteSettings:
 
     fuse_projections: compute projections that read the same rows (gate and up) with one grouped GEMM.
     router_topk: on CUDA, the router's top-k of a softmax as one Triton kernel of k arg-max steps
-        (kernels/router_topk.py) instead of ATen's top-k; the experts chosen are the same, ties included.
+        (graph_moe/kernels/router_topk.py) instead of ATen's top-k; the experts chosen are the same, ties included.
     low_memory_4bit: bitsandbytes 4-bit (QLoRA) experts dequantized a few at a time inside their grouped GEMMs
-        (kernels/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's (on CUDA with
+        (graph_moe/kernels/grouped_mm_4bit.py), not all at once: a layer's peak memory below the HF loop's (on CUDA with
         Triton). False: each projection's experts dequantized at once, faster (~10%) for ~0.5 GB more at
         Qwen3-30B-A3B.
     """

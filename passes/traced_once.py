@@ -11,7 +11,7 @@ and marks the loop's result with `graph_moe::every_expert_as_expert_0(result, E)
 
 The pass proves the one body row-wise as usual, reads each per-expert input as a slice `stack[0]` of an E-row stack,
 and emits the grouped loop over all E experts. What it cannot rewrite raises `TraceEveryExpert`, and
-`graph_moe.compile` traces that region again with every body (compile.py). The marker (kernels/every_expert_marker.py),
+`graph_moe.compile` traces that region again with every body (compile.py). The marker (graph_moe/kernels/every_expert_marker.py),
 run without the rewrite, raises: a graph holding only expert 0's body never computes a wrong result.
 """
 

@@ -8,7 +8,7 @@ import transformers
 
 from graph_moe.report import reset_counters
 
-# The tests here (and in kernels/) are written against transformers 4.57; under 5.x only tests/transformers5 applies.
+# The tests here (and in graph_moe/kernels/) are written against transformers 4.57; under 5.x only tests/transformers5 applies.
 collect_ignore_glob = ["test_*.py", "kernels/test_*.py"] if int(transformers.__version__.split(".")[0]) >= 5 else []
 
 

@@ -196,7 +196,7 @@ def test_dequantized_experts_are_not_saved_for_backward(saved_model):
 @pytest.mark.parametrize("quant", [dict(), dict(double_quant=True, quant_type="fp4")], ids=["nf4", "fp4-double-quant"])
 def test_low_memory_4bit_reads_the_4bit_stacks(saved_model, quant):
     """By default (low_memory_4bit=True) both grouped GEMMs are graph_moe::grouped_mm_4bit on the packed stacks (the
-    experts dequantized a few at a time inside it, kernels/grouped_mm_4bit.py); no dequantize left in the graph."""
+    experts dequantized a few at a time inside it, graph_moe/kernels/grouped_mm_4bit.py); no dequantize left in the graph."""
     model, reference = _load_4bit(saved_model, **quant), _load_4bit(saved_model, **quant)
     keep = Keep()
     graph_moe.compile(model, inner=keep)

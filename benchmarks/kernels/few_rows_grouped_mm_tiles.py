@@ -1,6 +1,6 @@
 """The grouped GEMM at few rows per expert on a GPU: torch._grouped_mm (CUTLASS) against the persistent Triton kernel
-(kernels/triton_grouped_mm.py) over its tile configs, at the Qwen3-30B-A3B shape (128 experts, top-8, hidden 2048,
-intermediate 768); how kernels/grouped_mm_few_rows.py's CONFIGS were chosen.
+(graph_moe/kernels/triton_grouped_mm.py) over its tile configs, at the Qwen3-30B-A3B shape (128 experts, top-8, hidden 2048,
+intermediate 768); how graph_moe/kernels/grouped_mm_few_rows.py's CONFIGS were chosen.
 
     python benchmarks/kernels/few_rows_grouped_mm_tiles.py --tokens 1 8 64 512 1024 2048 --json out.json
 

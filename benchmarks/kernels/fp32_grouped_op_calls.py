@@ -1,5 +1,5 @@
 """The float32 LoRA GEMMs of a compiled model, call by call: which `graph_moe::grouped_mm` calls are slow, and what
-tiles make them fast. On a GPU (the op's Triton kernels, kernels/grouped_op_cuda.py).
+tiles make them fast. On a GPU (the op's Triton kernels, graph_moe/kernels/grouped_op_cuda.py).
 
     python benchmarks/kernels/fp32_grouped_op_calls.py --layers 2 --tokens 2048 --json out.json
     python benchmarks/kernels/fp32_grouped_op_calls.py --ab --layers 4 --json out.json

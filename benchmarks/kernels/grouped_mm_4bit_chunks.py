@@ -1,4 +1,4 @@
-"""The 4-bit grouped GEMM (kernels/grouped_mm_4bit.py) on a GPU: checked against dequantize + torch._grouped_mm,
+"""The 4-bit grouped GEMM (graph_moe/kernels/grouped_mm_4bit.py) on a GPU: checked against dequantize + torch._grouped_mm,
 its tile configs and chunk sizes timed, at the Qwen3-30B-A3B shape (128 experts, top-8, hidden 2048, intermediate 768).
 
     python benchmarks/kernels/grouped_mm_4bit_chunks.py --tokens 4096 16384 --json out.json

@@ -285,7 +285,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
         variants["graph_moe"] = graph_moe_block(block, mode)
         if autotune:  # Inductor's Triton GEMM templates (torch._grouped_mm's included) against ATen's, benchmarked
             variants["graph_moe_autotune"] = graph_moe_block(block, "max-autotune-no-cudagraphs")
-        if torch_topk:  # ATen's top-k for the router, not graph_moe's kernel (kernels/router_topk.py)
+        if torch_topk:  # ATen's top-k for the router, not graph_moe's kernel (graph_moe/kernels/router_topk.py)
             variants["graph_moe_torch_topk"] = graph_moe_block(block, mode, settings=RewriteSettings(router_topk=False))
         if stacked:
             variants["graph_moe_stacked"] = graph_moe_block(block, layout=False)
@@ -303,7 +303,7 @@ def run(shapes, token_counts, with_loop=True, stacked=False, lora=False, qlora=F
                 variants["hf_loop_lora"] = lambda x: lora_block(x)[0]
         if qlora:
             qlora_block = with_lora(with_nf4(block))
-            # the 4-bit experts dequantized a few at a time (kernels/grouped_mm_4bit.py), and whole stacks at once
+            # the 4-bit experts dequantized a few at a time (graph_moe/kernels/grouped_mm_4bit.py), and whole stacks at once
             variants["graph_moe_qlora"] = graph_moe_block(qlora_block, mode)
             whole_stacks = RewriteSettings(low_memory_4bit=False)
             variants["graph_moe_qlora_whole_stacks"] = graph_moe_block(qlora_block, mode, settings=whole_stacks)

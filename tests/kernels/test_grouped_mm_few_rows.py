@@ -1,4 +1,4 @@
-"""graph_moe::grouped_mm_few_rows (kernels/grouped_mm_few_rows.py): torch._grouped_mm for frozen weights, with a Triton
+"""graph_moe::grouped_mm_few_rows (graph_moe/kernels/grouped_mm_few_rows.py): torch._grouped_mm for frozen weights, with a Triton
 kernel on CUDA when the experts get few rows. On the CPU the op is torch._grouped_mm; the kernel's tests need a GPU."""
 
 from __future__ import annotations

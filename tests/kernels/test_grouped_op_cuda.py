@@ -1,4 +1,4 @@
-"""graph_moe::grouped_mm on CUDA (kernels/grouped_op_cuda.py): the Triton kernels for what torch._grouped_mm cannot
+"""graph_moe::grouped_mm on CUDA (graph_moe/kernels/grouped_op_cuda.py): the Triton kernels for what torch._grouped_mm cannot
 compile (float32 and float16 rows, PEFT's default float32 adapters, rows not in 16-byte units) equal the per-group
 loop in every dtype, with no host sync, and a compiled model with PEFT's default adapters equals eager. On the CPU
 the op is the loop (tests/test_pass.py, tests/test_lora.py); these tests need a GPU."""

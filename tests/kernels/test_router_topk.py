@@ -1,4 +1,4 @@
-"""The router's top-k (kernels/router_topk.py): equal to torch.topk on fresh random scores, eager and under Inductor,
+"""The router's top-k (graph_moe/kernels/router_topk.py): equal to torch.topk on fresh random scores, eager and under Inductor,
 forward and gradient; ties to the lowest index; on CUDA its Triton kernel chooses as ATen's CUDA top-k does (checked
 on the GPU); replaced in a rewritten model by default, only on the devices whose torch.topk breaks ties that way, and
 then the model still matches eager."""

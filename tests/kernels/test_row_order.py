@@ -1,4 +1,4 @@
-"""Rows between token order and expert order (kernels/row_order.py): the tokens' rows move into expert order and the
+"""Rows between token order and expert order (graph_moe/kernels/row_order.py): the tokens' rows move into expert order and the
 grouped rows back to (token, slot) order, and no gradient scatter-adds rows (atomics): gathers, or scatters that
 read in token order and zero the padding rows, checked in the graphs AOTAutograd gives Inductor and against eager."""
 

@@ -1,4 +1,4 @@
-"""silu(gate) * up * w as one op (kernels/swiglu.py): its gradient against autograd's on fresh random rows, the op in
+"""silu(gate) * up * w as one op (graph_moe/kernels/swiglu.py): its gradient against autograd's on fresh random rows, the op in
 the rewritten graph of a SwiGLU family, and a body it must not take (LoRA on gate and up: silu of a sum)."""
 
 from __future__ import annotations
