@@ -22,7 +22,7 @@ TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values()) | {transfor
 
 def family_of(module: nn.Module) -> Family | None:
     """The family whose traceable forward `module` can take, or None."""
-    if transformers5.is_5x_experts(module):
+    if transformers5.looks_like_5x_experts(module):
         return transformers5.FAMILY
     return FAMILIES.get(type(module).__name__)
 

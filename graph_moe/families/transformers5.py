@@ -100,6 +100,11 @@ def bind_lora_wrappers(experts: nn.Module, wrappers: list[nn.Module]) -> str:
 def experts_check(experts: nn.Module) -> str | None:
     """Why `experts` cannot take the range loop derived from its own class's eager forward, or None (the derived
     forward is then registered for its class)."""
+    if not is_5x_experts(experts):  # an experts module whose class forward someone else replaced
+        forward = type(experts).forward
+        return (f"{type(experts).__name__}.forward is replaced on the class by {forward.__module__}."
+                f"{forward.__qualname__}, not transformers' experts dispatch (Unsloth does this, and keeps its MoE "
+                "blocks out of torch.compile): left as it is")
     used = implementation(experts)
     if used not in TAKEN_OVER:
         return (f"experts_implementation={used!r} is not one graph_moe replaces ({', '.join(TAKEN_OVER)}): "
@@ -124,9 +129,21 @@ def is_5x_experts(module: nn.Module) -> bool:
             and code.co_filename.replace("\\", "/").endswith("transformers/integrations/moe.py"))
 
 
+def looks_like_5x_experts(module: nn.Module) -> bool:
+    """A 5.x experts module, or one of its shape (a class named *Experts holding 3D parameters of one row per expert)
+    whose class forward was replaced from another module (Unsloth's patches): the latter gets a report line saying so.
+    A class with its own forward (4.57's Qwen3VLMoeTextExperts) is neither."""
+    if is_5x_experts(module):
+        return True
+    num_experts, forward = getattr(module, "num_experts", None), getattr(type(module), "forward", None)
+    return (type(module).__name__.endswith("Experts") and isinstance(num_experts, int)
+            and getattr(forward, "__module__", None) != type(module).__module__
+            and any(p.dim() == 3 and p.shape[0] == num_experts for p in module.parameters(recurse=False)))
+
+
 def delegates_to_experts(block: nn.Module) -> bool:
     """A 5.x MoE block (router + experts module): its line in the report is its experts module's."""
     experts = getattr(block, "experts", None)
     if hasattr(experts, "get_base_layer"):  # PEFT ParamWrappers around the experts
         experts = experts.get_base_layer()
-    return isinstance(experts, nn.Module) and is_5x_experts(experts)
+    return isinstance(experts, nn.Module) and looks_like_5x_experts(experts)

@@ -150,3 +150,25 @@ def test_checkpointed_layers_rewritten_and_equal(family):
     # releases trace it inline
     if version.parse(transformers.__version__) >= version.parse("5.24"):
         assert any(name.startswith("wrap_body") for graph in keep.graphs for name, _ in graph.named_children())
+
+
+def _replaced_forward(self, hidden_states, top_k_index, top_k_weights):
+    return hidden_states  # stands for another library's experts forward (Unsloth's grouped Triton GEMMs)
+
+
+def test_experts_whose_class_forward_another_library_replaced_are_refused_by_name():
+    """Unsloth on 5.x patches Qwen3MoeExperts.forward on the class (and keeps the block out of torch.compile): the
+    experts module's report line says so, and graph_moe leaves the forward as it is."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    model = build("qwen3_moe", layers=1)
+    # the class stays transformers' (its module), its forward comes from elsewhere: as Unsloth's patch_function leaves it
+    patched = type("Qwen3MoeExperts", (modeling_qwen3_moe.Qwen3MoeExperts,),
+                   {"forward": _replaced_forward, "__module__": modeling_qwen3_moe.__name__})
+    experts = model.model.layers[0].mlp.experts
+    experts.__class__ = patched
+    report = graph_moe.install(model)
+    (entry,) = report.blocks
+    assert entry.class_name == "Qwen3MoeExperts" and report.num_installed == 0, str(report)
+    assert "replaced on the class by" in entry.status and "_replaced_forward" in entry.status, str(report)
+    assert "forward" not in experts.__dict__
