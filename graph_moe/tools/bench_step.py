@@ -57,6 +57,8 @@ def build_model(args):
                    if tf.__version__ >= "5" else dict(target_modules=["gate_proj", "up_proj", "down_proj"]))
         model = get_peft_model(model, LoraConfig(r=16, init_lora_weights=False, **targets),
                                autocast_adapter_dtype=not args.bf16_adapters)
+        if args.four_bit_experts:  # QLoRA on 5.x: the 3D experts in NF4 under the adapters
+            graph_moe.quantize_experts_4bit(model)
     else:  # frozen experts: train the attention projections, as a LoRA elsewhere would
         for layer in model.model.layers:
             layer.self_attn.requires_grad_(True)
@@ -91,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--experts", choices=["frozen", "lora", "full"], default="lora",
                    help="frozen experts (attention trained), PEFT LoRA r=16 on the experts, or full fine-tuning")
+    p.add_argument("--four-bit-experts", action="store_true",
+                   help="with --experts lora on transformers 5.x: the 3D experts held in NF4 "
+                        "(graph_moe.quantize_experts_4bit); only graph_moe's variants run them")
     p.add_argument("--qwen3-attention", action="store_true",
                    help="Qwen3-30B-A3B's attention: 32 heads, 4 KV heads, head_dim 128 (without it: 4 heads of "
                         "hidden / 4)")
@@ -114,11 +119,14 @@ def main(argv=None) -> int:
     base = build_model(args)
     ids = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
     eager = copy.deepcopy(base)
+    if args.four_bit_experts:  # the 4-bit experts run graph_moe's forward only: eagerly here
+        graph_moe.install(eager)
     reference_loss = train_step(eager, ids)
     reference = grads(eager)
     results = {**run_facts("step", argv, args.device), "layers": args.layers, "tokens": args.tokens,
                "num_experts": args.num_experts, "experts": args.experts,
-               "adapters": "bf16" if args.bf16_adapters else "float32", "eager_loss": reference_loss.item(), "runs": []}
+               "adapters": "bf16" if args.bf16_adapters else "float32", "four_bit_experts": args.four_bit_experts,
+               "eager_loss": reference_loss.item(), "runs": []}
     del eager
     for variant in args.variants:
         torch._dynamo.reset()
@@ -127,9 +135,10 @@ def main(argv=None) -> int:
         if variant.endswith("_dynamo_guards"):  # no plain-Python layout check: the traced forward guards the facts
             patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
             patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
-        model = copy.deepcopy(base)
+        before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        model = copy.deepcopy(base)
         if variant == "torch_compile":
             call = torch.compile(model)
         elif variant.startswith("graph_moe"):
@@ -161,7 +170,8 @@ def main(argv=None) -> int:
                     for key in ("self_cuda_time_total", "self_cpu_time_total"):
                         f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
         run = {"variant": variant, "first_step_s": first, "step_ms": 1e3 * sorted(times)[len(times) // 2],
-               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if args.device == "cuda" else None,
+               # the variant's own peak: its copy of the model, activations, gradients (the shared base excluded)
+               "peak_memory_gb": (torch.cuda.max_memory_allocated() - before) / 1e9 if args.device == "cuda" else None,
                "loss": loss.item(), "grads_compared": len(errors), "missing_grads": sorted(set(reference) - set(got)),
                "graphs_compiled_after_first_step": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
                "max_grad_rel_err": max(errors.values()),
