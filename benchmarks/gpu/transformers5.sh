@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU measurements behind docs/transformers5.md and docs/benchmarks.md's transformers 5.x tables, one phase an
+# argument; each writes its records under $OUT (default: ./gpu_out). Wheels the GPU machine lacks travel in .whl/
+# (tf4: transformers 4.57.6; tf524: transformers 5.24; bnb: bitsandbytes; unsloth), each installed into its own target.
+#   step517 / step524   4 Qwen3-30B-A3B-shaped layers, full fine-tuning, 4096 tokens, the model as loaded:
+#                       torch.compile (transformers' grouped_mm) against graph_moe.compile; machine's 5.17 / 5.24
+#   qlora517            LoRA r=16 on the 3D experts, bf16 experts against NF4 experts (quantize_experts_4bit), peaks
+#   layer_before_after  the layer bench at 4096 tokens on this commit and on the one named by .whl/before.tar
+#   unsloth517          real Unsloth on 5.17: what graph_moe.install reports for its Qwen3-MoE blocks
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+site() { local dir=/tmp/site_$1; if [ ! -d "$dir" ]; then mkdir -p "$dir"
+  ls .whl/$1/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target "$dir" .whl/$1/*.whl
+  for t in .whl/$1/*-src.tgz; do [ -f "$t" ] && tar xzf "$t" -C "$dir"; done; fi; echo "$dir"; }
+with() { local path=$PWD; for s in "$@"; do path=$(site "$s"):$path; done; echo "$path"; }
+STEP="-m graph_moe bench step --layers 4 --tokens 4096 --qwen3-attention --steps 5"
+for phase in "$@"; do
+  echo "=== $phase"
+  case $phase in
+    step517) PYTHONPATH=$(with bnb) python3 $STEP --experts full --variants torch_compile graph_moe \
+               --json "$OUT/step_full_tf517.json" ;;
+    step524) PYTHONPATH=$(with bnb tf524) python3 $STEP --experts full --variants torch_compile graph_moe \
+               --json "$OUT/step_full_tf524.json" ;;
+    qlora517) PYTHONPATH=$(with bnb) python3 $STEP --experts lora --bf16-adapters --variants graph_moe \
+                --json "$OUT/step_lora_bf16_experts_tf517.json"
+              PYTHONPATH=$(with bnb) python3 $STEP --experts lora --bf16-adapters --four-bit-experts --variants graph_moe \
+                --json "$OUT/step_lora_nf4_experts_tf517.json" ;;
+    layer_before_after)
+      tf4=$(site tf4); out=$(cd "$OUT" && pwd)
+      rm -rf /tmp/before && mkdir -p /tmp/before && tar xf .whl/before.tar -C /tmp/before
+      (cd /tmp/before && PYTHONPATH=$tf4:/tmp/before python3 -m graph_moe bench --no-loop --tokens 4096 \
+         --json "$out/layer_before.json")
+      PYTHONPATH=$(with tf4) python3 -m graph_moe bench layer --no-loop --tokens 4096 --json "$OUT/layer_after.json" ;;
+    unsloth517) PYTHONPATH=$(with bnb unsloth) python3 benchmarks/gpu/unsloth_report.py > "$OUT/unsloth_tf517.txt" 2>&1
+                tail -20 "$OUT/unsloth_tf517.txt" ;;
+  esac
+done
