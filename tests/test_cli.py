@@ -138,6 +138,11 @@ def test_bench_step_runs_on_the_cpu(tmp_path):
         assert not run["missing_grads"] and run["grads_compared"] > 0
         assert abs(run["loss"] - record["eager_loss"]) < 1e-2
     assert "| graph_moe |" in proc.stdout
+    # the chart of the published step numbers, drawn from such records
+    chart = tmp_path / "step.png"
+    proc = _run("-m", "graph_moe", "bench", "chart", str(out), "--out", str(chart))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
 
 
 def test_bench_checks_each_variant_against_its_own_block():

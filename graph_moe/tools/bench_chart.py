@@ -1,0 +1,62 @@
+"""`graph-moe bench chart`: a PNG of whole-step times against the peers, drawn from `graph-moe bench step` records.
+
+    graph-moe bench chart records/step_full_tf517.json records/step_full_tf524.json --out docs/step.png
+
+One group of bars per record (its card, transformers version and experts), one bar per variant: the step's time in ms,
+with the first step's (compile) seconds written on each bar. Needs matplotlib (`pip install matplotlib`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+LABELS = {"torch_compile": "torch.compile (transformers' own experts)", "graph_moe": "graph_moe.compile",
+          "backend": "graph_moe.backend", "backend_shared": "graph_moe.backend, shared trace"}
+
+
+def draw(records: list[dict], out: str, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(run["variant"] for record in records for run in record["runs"]))
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.6 * len(records), 3.6))
+    for i, variant in enumerate(variants):
+        for g, record in enumerate(records):
+            run = next((r for r in record["runs"] if r["variant"] == variant), None)
+            if run is None:
+                continue
+            x = g + (i - (len(variants) - 1) / 2) * width
+            bar = ax.bar(x, run["step_ms"], width, color=f"C{i}", label=LABELS.get(variant, variant) if g == 0 else None)
+            ax.bar_label(bar, [f"{run['step_ms']:.1f} ms\n(1st {run['first_step_s']:.0f} s)"], fontsize=8)
+    ax.set_xticks(range(len(records)), [f"transformers {r['transformers']}\n{r['experts']} experts, {r['tokens']} tokens"
+                                        for r in records], fontsize=8)
+    ax.set_ylabel("training step, ms (lower is better)")
+    ax.margins(y=0.25)
+    first = records[0]
+    ax.set_title(title or f"{first['layers']} Qwen3-30B-A3B-shaped layers, {first['card']}, torch {first['torch']}",
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="graph-moe bench chart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("records", nargs="+", help="JSON records written by `graph-moe bench step`")
+    p.add_argument("--out", default="bench_step.png")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    records = []
+    for path in args.records:
+        with open(path) as f:
+            records.append(json.load(f))
+    draw(records, args.out, args.title)
+    print(args.out)
+    return 0
