@@ -38,12 +38,15 @@ def _config(family: str):
             **{**_COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4,
             num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=None,
             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    if family == "ernie4_5_moe":
+        return transformers.Ernie4_5_MoeConfig(**_COMMON, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
+                                               moe_layer_start_index=0, moe_num_shared_experts=1)
     assert family == "gpt_oss"
     return transformers.GptOssConfig(**_COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
                                      sliding_window=8)
 
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "ernie4_5_moe"]
 
 
 def _model(family, dtype):
