@@ -6,7 +6,7 @@ op). Those settings are read when Dynamo traces, which happens at the first call
 
 Regional compilation: every decoder layer is compiled on its own. Identical layers share one
 compiled code object, so Dynamo traces the expert loop once per layer kind instead of once per
-layer (FACTS.md §3: tracing the E unrolled bodies alone costs seconds per block at E=128). Where the
+layer (docs/design.md: tracing the E unrolled bodies alone costs seconds per block at E=128). Where the
 bodies are expert 0's reading row e of stacked weights, the regions trace expert 0's body alone
 (`TraceOnce`, passes/traced_once.py).
 """

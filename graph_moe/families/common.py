@@ -20,7 +20,7 @@ from torch import nn
 @dataclasses.dataclass(frozen=True)
 class Family:
     forward: Callable
-    form: str  # loop form of the class forward it replaces (../shared/FACTS.md §1): "H", "R", "R'", "D", "S", "G", "B"
+    form: str  # loop form of the class forward it replaces (docs/design.md, "Loop forms"): "H", "R", "R'", "D", "S", "G", "B"
     attrs: tuple[str, ...]  # block attributes the forward reads beyond gate/experts/top_k/num_experts
     projections: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")  # gate, up, down of each
     # ModuleList expert, for the grouped layout (layout.py); None when the weights are already stacked.

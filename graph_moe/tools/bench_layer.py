@@ -244,7 +244,7 @@ def graph_moe_block(block, mode=None, layout=True, stack_lora=True, settings=Non
 
 def unsloth_block(block):
     """A copy of `block` with unsloth-zoo's grouped forward (`enable_grouped_moe`, eager), the peer for 4.x blocks.
-    Needs unsloth installed (the GPU machine: ../shared/gpu/fetch-wheels tf4 bnb unsloth)."""
+    Needs unsloth installed (with transformers 4.57 and bitsandbytes)."""
     import copy
 
     import unsloth  # noqa: F401  (unsloth-zoo's patches expect unsloth imported)
