@@ -98,7 +98,10 @@ def test_an_implementation_registered_elsewhere_is_refused_by_name():
 
     ALL_EXPERTS_FUNCTIONS.register("someone_elses", grouped_mm_experts_forward)
     model = build("qwen3_moe", layers=1)
-    model.set_experts_implementation("someone_elses")
+    try:
+        model.set_experts_implementation("someone_elses")
+    except ValueError:  # early 5.x releases accept only their own names there: the config holds it all the same
+        model.config._experts_implementation = "someone_elses"
     report = graph_moe.install(model)
     assert report.num_installed == 0 and "'someone_elses'" in report.blocks[0].status, str(report)
 
