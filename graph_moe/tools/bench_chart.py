@@ -1,6 +1,8 @@
-"""`graph-moe bench chart`: a PNG of whole-step times against the peers, drawn from `graph-moe bench step` records.
+"""`graph-moe bench chart`: a PNG of step times against the peers, drawn from `graph-moe bench step` records (or of
+one MoE layer, from a `graph-moe bench layer` record).
 
     graph-moe bench chart records/step_full_tf517.json records/step_full_tf524.json --out docs/step.png
+    graph-moe bench chart benchmarks/records/h200_torch2.11_qwen3_layer.json --out docs/layer.png
 
 One group of bars per record (its card, transformers version and experts), one bar per variant: the step's time in ms,
 with the first step's (compile) seconds written on each bar. Needs matplotlib (`pip install matplotlib`).
@@ -45,6 +47,38 @@ def draw(records: list[dict], out: str, title: str | None = None) -> None:
     fig.savefig(out, dpi=130)
 
 
+# one MoE layer (`graph-moe bench layer` records): the variants drawn, as the layer bench names them
+LAYER_VARIANTS = {"grouped_compiled": "transformers 5's grouped forward, torch.compile", "graph_moe": "graph_moe"}
+
+
+def draw_layer(record: list[dict], out: str, metric: str = "fwd_bwd_ms") -> None:
+    """One group of bars per token count of a layer record, one bar per variant: `<variant>_<metric>`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    facts, rows = record[0], [r for r in record[1:] if "tokens" in r]
+    width = 0.8 / len(LAYER_VARIANTS)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (variant, label) in enumerate(LAYER_VARIANTS.items()):
+        for g, row in enumerate(rows):
+            value = row.get(f"{variant}_{metric}")
+            if value is None:
+                continue
+            bar = ax.bar(g + (i - (len(LAYER_VARIANTS) - 1) / 2) * width, value, width, color=f"C{i}",
+                         label=label if g == 0 else None)
+            ax.bar_label(bar, [f"{value:.2f}"], fontsize=8)
+    ax.set_xticks(range(len(rows)), [f"{row['tokens']} tokens" for row in rows])
+    ax.set_ylabel(f"{metric.replace('_ms', '').replace('_', '+')}, ms (lower is better)")
+    ax.margins(y=0.2)
+    ax.set_title(f"one {rows[0]['shape']} MoE layer, {facts.get('card', '')}, torch {facts.get('torch', '')}",
+                 fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="graph-moe bench chart", description=__doc__,
@@ -57,6 +91,9 @@ def main(argv=None) -> int:
     for path in args.records:
         with open(path) as f:
             records.append(json.load(f))
-    draw(records, args.out, args.title)
+    if isinstance(records[0], list):  # a `bench layer` record: a list of rows after the card's facts
+        draw_layer(records[0], args.out)
+    else:
+        draw(records, args.out, args.title)
     print(args.out)
     return 0
