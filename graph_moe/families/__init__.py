@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from graph_moe.families import deepseek, empty_guard, mixtral_qwen, split_sizes, stacked, transformers5
+from graph_moe.families import deepseek, empty_guard, ernie, mixtral_qwen, split_sizes, stacked, transformers5
 from graph_moe.families.common import Family, module_list_check, range_expert_loop, softmax_topk
 
 FAMILIES: dict[str, Family] = {}
-for _module in (mixtral_qwen, empty_guard, deepseek, split_sizes, stacked, transformers5):
+for _module in (mixtral_qwen, empty_guard, deepseek, ernie, split_sizes, stacked, transformers5):
     FAMILIES.update(_module.FAMILIES)
 
 TRACEABLE_FORWARDS = frozenset(f.forward for f in FAMILIES.values()) | {transformers5.FAMILY.forward}
