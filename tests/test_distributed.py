@@ -43,7 +43,7 @@ def _launch(variant: str) -> str:
     parallel = variant.split("-")[0]
     # PYTHONPATH: the workers import graph_moe from this tree even if the installed copy points elsewhere.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    # In a process group of its own (start_new_session): on a timeout the launcher AND its workers are killed (no orphan holding the cores).
+    # In a process group of its own: on a timeout the launcher AND its workers are killed (no orphan holding the cores).
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", EXAMPLE,
          "--parallel", parallel, "--device", "cpu", "--inner", "aot_eager", "--steps", "2", "--check",
