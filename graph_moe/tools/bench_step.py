@@ -53,8 +53,10 @@ def build_model(args):
         from peft import LoraConfig, get_peft_model
 
         # transformers 5.x holds the experts as 3D parameters: PEFT reaches them through target_parameters
-        targets = (dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-                   if tf.__version__ >= "5" else dict(target_modules=["gate_proj", "up_proj", "down_proj"]))
+        if int(tf.__version__.split(".")[0]) >= 5:
+            targets = dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        else:
+            targets = dict(target_modules=["gate_proj", "up_proj", "down_proj"])
         model = get_peft_model(model, LoraConfig(r=16, init_lora_weights=False, **targets),
                                autocast_adapter_dtype=not args.bf16_adapters)
         if args.four_bit_experts:  # QLoRA on 5.x: the 3D experts in NF4 under the adapters
