@@ -31,12 +31,14 @@ from graph_moe import layout_check
 from graph_moe.stacked_adapters import split_stacked
 from graph_moe.tools.bench_record import run_facts
 from graph_moe.tools.model_zoo import make_config
+from graph_moe.tools.routing import KINDS, skew_routing
 
 log = logging.getLogger("graph_moe")
 
 
-def build_model(args):
-    """The benchmark's model, on `args.device` in bf16, from the options of `graph-moe bench step`."""
+def build_model(args, ids):
+    """The benchmark's model, on `args.device` in bf16, from the options of `graph-moe bench step`; its routers set
+    so that `ids` are routed as `--routing` says (the shares reached in `args.routing_reached`)."""
     import transformers as tf
 
     config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k,
@@ -46,6 +48,7 @@ def build_model(args):
     torch.manual_seed(0)
     with torch.device(args.device):
         model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    args.routing_reached = skew_routing(model, ids, args.routing)
     if args.experts == "full":  # full fine-tuning: every parameter trains
         return model
     model.requires_grad_(False)
@@ -67,13 +70,23 @@ def build_model(args):
     return model
 
 
-def train_step(model, ids):
-    """One forward+backward on `ids` as labels; the loss, after the GPU finished."""
+def train_step(model, ids, optimizer=None):
+    """One forward+backward on `ids` as labels, then the optimizer's step; the loss, after the GPU finished."""
     out = model(input_ids=ids, labels=ids, use_cache=False)
     out.loss.backward()
+    if optimizer is not None:
+        optimizer.step()
     if out.loss.is_cuda:
         torch.cuda.synchronize()
     return out.loss.detach().float()
+
+
+def make_optimizer(model, args):
+    """AdamW over the trainable parameters (fused on the GPU), or None with --no-optimizer."""
+    if args.no_optimizer:
+        return None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=1e-6, fused=args.device == "cuda")
 
 
 def grads(model):
@@ -98,6 +111,11 @@ def main(argv=None) -> int:
     p.add_argument("--four-bit-experts", action="store_true",
                    help="with --experts lora on transformers 5.x: the 3D experts held in NF4 "
                         "(graph_moe.quantize_experts_4bit); only graph_moe's variants run them")
+    p.add_argument("--routing", choices=KINDS, default="uniform",
+                   help="expert popularity: uniform (random routers), zipf (share of expert r ~ 1/sqrt(r)) or hot "
+                        "(one expert picked by 30%% of the tokens); graph_moe/tools/routing.py sets the routers")
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="time forward+backward only (by default the step includes AdamW's step)")
     p.add_argument("--qwen3-attention", action="store_true",
                    help="Qwen3-30B-A3B's attention: 32 heads, 4 KV heads, head_dim 128 (without it: 4 heads of "
                         "hidden / 4)")
@@ -105,8 +123,8 @@ def main(argv=None) -> int:
                    help="LoRA adapters in the model's bf16 (PEFT's default keeps them in float32)")
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
                    choices=["backend", "backend_shared", "backend_dynamo_guards", "graph_moe",
-                            "graph_moe_dynamo_guards", "torch_compile"],
-                   help="torch_compile: plain torch.compile(model) of the model as loaded (transformers 5.x: its own "
+                            "graph_moe_dynamo_guards", "torch_compile", "eager"],
+                   help="eager: the model as loaded, not compiled (transformers 4.x: the HF expert loop); torch_compile: plain torch.compile(model) of the model as loaded (transformers 5.x: its own "
                         "grouped_mm experts), the peer; backend: graph_moe.backend on the whole model; backend_shared: the same after "
                         "install(shared_block_trace=True); graph_moe: graph_moe.compile (a region per decoder layer); "
                         "*_dynamo_guards: the layout's per-expert facts guarded by Dynamo instead of checked in plain "
@@ -118,8 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="bench_step.json")
     args = p.parse_args(argv)
     torch.compiler.config.force_disable_caches = True
-    base = build_model(args)
+    torch.manual_seed(1)
     ids = torch.randint(0, args.vocab, (1, args.tokens), device=args.device)
+    base = build_model(args, ids)
     eager = copy.deepcopy(base)
     if args.four_bit_experts:  # the 4-bit experts run graph_moe's forward only: eagerly here
         graph_moe.install(eager)
@@ -128,7 +147,8 @@ def main(argv=None) -> int:
     results = {**run_facts("step", argv, args.device), "layers": args.layers, "tokens": args.tokens,
                "num_experts": args.num_experts, "experts": args.experts,
                "adapters": "bf16" if args.bf16_adapters else "float32", "four_bit_experts": args.four_bit_experts,
-               "eager_loss": reference_loss.item(), "runs": []}
+               "routing": args.routing, "routing_reached": args.routing_reached,
+               "optimizer": None if args.no_optimizer else "AdamW", "eager_loss": reference_loss.item(), "runs": []}
     del eager
     for variant in args.variants:
         torch._dynamo.reset()
@@ -141,7 +161,9 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         model = copy.deepcopy(base)
-        if variant == "torch_compile":
+        if variant == "eager":
+            call = model
+        elif variant == "torch_compile":
             call = torch.compile(model)
         elif variant.startswith("graph_moe"):
             graph_moe.compile(model, inner=args.inner)
@@ -154,20 +176,23 @@ def main(argv=None) -> int:
             loss = train_step(call, ids)
             first = time.perf_counter() - start
             got = grads(model)
+            optimizer = make_optimizer(model, args)
+            if optimizer is not None:
+                optimizer.step()
             errors = {n: ((got[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in reference.items()}
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             times = []
             for _ in range(args.steps):
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                train_step(call, ids)
+                train_step(call, ids, optimizer)
                 times.append(time.perf_counter() - start)
             if args.profile:
                 os.makedirs(args.profile, exist_ok=True)
                 with torch.profiler.profile() as prof:
                     for _ in range(2):
                         model.zero_grad(set_to_none=True)
-                        train_step(call, ids)
+                        train_step(call, ids, optimizer)
                 with open(os.path.join(args.profile, f"{variant}.txt"), "w") as f:
                     for key in ("self_cuda_time_total", "self_cpu_time_total"):
                         f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
@@ -184,7 +209,7 @@ def main(argv=None) -> int:
                **graph_moe.counter_snapshot()}
         results["runs"].append(run)
         log.info("%s", json.dumps(run))
-        del model, call
+        del model, call, optimizer
         with open(args.json, "w") as f:  # kept after every variant: a run stopped early keeps what it measured
             json.dump(results, f, indent=1)
     print(table(results))
@@ -193,7 +218,8 @@ def main(argv=None) -> int:
 
 def table(results: dict) -> str:
     lines = [f"{results['card']}, torch {results['torch']}; {results['layers']} layers, {results['tokens']} tokens, "
-             f"{results['num_experts']} experts ({results['experts']}, {results['adapters']} adapters if LoRA); "
+             f"{results['num_experts']} experts ({results['experts']}, {results['adapters']} adapters if LoRA), "
+             f"{results.get('routing', 'uniform')} routing, optimizer {results.get('optimizer')}; "
              f"eager loss {results['eager_loss']:.5f}",
              "| variant | first step (compile), s | step, ms | peak GB | loss | median grad rel. error | "
              "graphs after step 1 |",
