@@ -9,10 +9,16 @@ compiled code object, so Dynamo traces the expert loop once per layer kind inste
 layer (docs/design.md: tracing the E unrolled bodies alone costs seconds per block at E=128). Where the
 bodies are expert 0's reading row e of stacked weights, the regions trace expert 0's body alone
 (`TraceOnce`, passes/traced_once.py).
+
+Generation: a decoder layer called with a KV cache indexes the cache by its own `layer_idx`, which Dynamo specializes:
+compiled whole, every layer would compile its own prefill and decode graphs (and a 48-layer model would pass Dynamo's
+recompile limit). Such calls run the layer's attention eagerly and its MoE blocks compiled alone, whose graphs every
+layer shares: one for prefill, one for decode, whatever the number of layers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -21,7 +27,7 @@ from torch import nn
 from graph_moe import layout_check
 from graph_moe.backend import make_backend
 from graph_moe.families import common
-from graph_moe.install import InstallReport, install
+from graph_moe.install import INSTALLED_MARK, InstallReport, install
 from graph_moe.passes import RewriteSettings, TraceEveryExpert
 
 log = logging.getLogger("graph_moe")
@@ -57,17 +63,69 @@ class TraceOnce:
         self.enabled = enabled
 
 
+_ABSENT = object()
+def _with_kv_cache(args, kwargs) -> bool:
+    """Whether a transformers KV cache (`past_key_values` in 4.x, `cache` in late 5.x) is among the arguments."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return False
+    return any(isinstance(value, Cache) for value in (*args, *kwargs.values()))
+
+
+def _tokens_dynamic(compiled, hidden, *args, **kwargs):
+    """Call `compiled` with the batch and sequence sizes of `hidden` traced as symbols where they exceed 1: prompts of
+    every length share one prefill graph (a decode step's sequence size 1 keeps its own)."""
+    if isinstance(hidden, torch.Tensor):
+        for dim in range(hidden.dim() - 1):
+            if hidden.shape[dim] > 1:
+                torch._dynamo.maybe_mark_dynamic(hidden, dim)
+    return compiled(hidden, *args, **kwargs)
+
+
 class _WithCaptureSettings:
     """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call, and
     checks the grouped layouts of the MoE blocks in `region` in plain Python before it (layout_check.py).
     trace_once: a TraceOnce, for callables compiled with graph_moe's backend (whose pass rewrites loops traced once)."""
 
-    def __init__(self, compiled, region: nn.Module, extra=None, trace_once: TraceOnce | None = None):
+    def __init__(self, compiled, region: nn.Module, extra=None, trace_once: TraceOnce | None = None, *, backend=None,
+                 compile_kwargs=None):
         self.compiled, self.settings = compiled, {**CAPTURE_SETTINGS, **(extra or {})}
+        self.extra, self.backend, self.compile_kwargs = extra, backend, compile_kwargs or {}
         self.trace_once = trace_once or TraceOnce(False)
         self.region, self.laid_out = region, None
+        self.blocks = None  # installed MoE blocks of the region and their own compiled calls, for calls with a KV cache
 
     def __call__(self, *args, **kwargs):
+        if _with_kv_cache(args, kwargs) and not torch.compiler.is_compiling():
+            return self._eager_layer_compiled_blocks(*args, **kwargs)
+        return self._compiled_call(*args, **kwargs)
+
+    def _eager_layer_compiled_blocks(self, *args, **kwargs):
+        """The region's own forward, eagerly, with each MoE block in it run compiled alone."""
+        if self.blocks is None:
+            # the region's children holding an installed module: the MoE block (transformers 5.x: the block around
+            # the experts module, so that routing and experts trace from one input)
+            blocks = [child for child in self.region.children()
+                      if any(INSTALLED_MARK in m.__dict__ for m in child.modules())]
+            self.blocks = [(block, _WithCaptureSettings(torch.compile(block._call_impl, backend=self.backend,
+                                                                      **self.compile_kwargs), block,
+                                                        self.extra, self.trace_once))
+                           for block in blocks]
+        # set on the instances for this call only, and put back as found (Dynamo guards on the attribute's place)
+        saved = [(block, block.__dict__.get("_compiled_call_impl", _ABSENT)) for block, _ in self.blocks]
+        for block, compiled in self.blocks:
+            block._compiled_call_impl = functools.partial(_tokens_dynamic, compiled)
+        try:
+            return self.region._call_impl(*args, **kwargs)
+        finally:
+            for block, value in saved:
+                if value is _ABSENT:
+                    del block.__dict__["_compiled_call_impl"]
+                else:
+                    block.__dict__["_compiled_call_impl"] = value
+
+    def _compiled_call(self, *args, **kwargs):
         # Set and restored by hand, on every layer call: torch._dynamo.config.patch took 22-31 us per call on a 2-core
         # CPU, this 15 (a decode step of a 48-layer model calls it 48 times).
         config = torch._dynamo.config
@@ -137,7 +195,8 @@ def compile_regions(regions, backend, *, keep_compiled: bool = False, trace_once
             continue
         region._compiled_call_impl = _WithCaptureSettings(
             torch.compile(region._call_impl, backend=backend, **torch_compile_kwargs), region,
-            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None, once)
+            DYNAMIC_SETTINGS if torch_compile_kwargs.get("dynamic") else None, once, backend=backend,
+            compile_kwargs=torch_compile_kwargs)
         compiled += 1
     return compiled
 

@@ -25,7 +25,7 @@ from graph_moe.stacked_experts import is_stacked
 
 log = logging.getLogger("graph_moe")
 
-_MARK = "_graph_moe_installed"  # instance attribute holding the form label of the replaced loop
+INSTALLED_MARK = _MARK = "_graph_moe_installed"  # instance attribute holding the form label of the replaced loop
 
 
 @dataclasses.dataclass

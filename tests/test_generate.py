@@ -1,0 +1,52 @@
+"""`generate()` on a model compiled by `graph_moe.compile`: eager's tokens, and a number of compiled graphs that does not
+grow with the layers (a layer called with a KV cache runs its attention eagerly and its MoE block compiled alone)."""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import graph_moe
+from tiny_models import build
+
+
+def _generate(model, ids, **kwargs):
+    return model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_generate_gives_eager_tokens_with_graphs_independent_of_depth(family):
+    graphs = {}
+    for layers in (2, 6):
+        torch._dynamo.reset()
+        counters.clear()
+        model = build(family, layers=layers, dtype=torch.float32, seed=layers).eval()
+        reference = copy.deepcopy(model)
+        graph_moe.compile(model, inner="aot_eager")
+        ids = torch.randint(1, 64, (3, 5))
+        torch.testing.assert_close(_generate(model, ids), _generate(reference, ids), rtol=0, atol=0)
+        graphs[layers] = counters["stats"]["unique_graphs"]
+        assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
+        # a second prompt of another length compiles nothing more
+        _generate(model, torch.randint(1, 64, (3, 9)))
+        assert counters["stats"]["unique_graphs"] == graphs[layers]
+    assert graphs[2] == graphs[6] <= 2  # one prefill graph and one decode graph at most
+
+
+def test_training_calls_still_compile_the_whole_layer():
+    counters.clear()
+    torch._dynamo.reset()
+    model = build("qwen3_moe", layers=2)
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(0, 64, (2, 8))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids, use_cache=False).loss, rtol=2e-2, atol=2e-2)
+    # the attention is inside the compiled graph: more than the MoE block's ops
+    assert counters["stats"]["unique_graphs"] == 1 and counters["graph_moe"]["loops_rewritten"] == 1
+    # after generation, training calls still take the layer's compiled graph
+    model.generate(ids[:, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    before = counters["stats"]["unique_graphs"]
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] == before
