@@ -31,4 +31,13 @@ from graph_moe.report import LoopReport, counter_snapshot  # noqa: E402
 
 __all__ = ["backend", "make_backend", "compile", "capture_settings", "explain", "Explanation", "dump", "DumpIndex",
            "install", "uninstall", "InstallReport", "LoopReport", "counter_snapshot", "inductor_pass", "inductor_options",
-           "GraphMoePass", "RewriteSettings", "quantize_experts_4bit"]
+           "GraphMoePass", "RewriteSettings", "quantize_experts_4bit", "GraphMoeCallback"]
+
+
+def __getattr__(name):
+    # imported on first use: the Trainer callback needs transformers' Trainer, slow to import
+    if name == "GraphMoeCallback":
+        from graph_moe.integrations.trainer import GraphMoeCallback
+
+        return GraphMoeCallback
+    raise AttributeError(f"module 'graph_moe' has no attribute {name!r}")
