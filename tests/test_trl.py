@@ -1,0 +1,76 @@
+"""TRL's trainers with graph_moe's Trainer callback, LoRA on every expert projection through `peft_config`:
+SFTTrainer, and DPOTrainer whose reference model is the same model with its adapter disabled. Eager's losses, every
+expert loop rewritten into grouped GEMMs."""
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+import graph_moe  # noqa: E402
+from tiny_models import build  # noqa: E402
+
+VOCAB = 64
+
+
+def _tokenizer():
+    """A word-level tokenizer over the tiny model's vocabulary ("w0" ... "w60"), built here: nothing downloaded."""
+    words = {f"w{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                      unk_token="<unk>")
+
+
+def _text(words, generator):
+    return " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 3, (words,), generator=generator).tolist())
+
+
+def _settings(tmp_path):
+    return dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, logging_steps=1, report_to=[],
+                use_cpu=True, bf16=True, learning_rate=1e-2, disable_tqdm=True, save_strategy="no", max_length=32)
+
+
+def _lora():
+    # init_lora_weights=False: the adapters start non-zero, so that the policy differs from DPO's reference
+    return LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+
+
+def _losses(trainer):
+    trainer.train()
+    return torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+
+
+def _check(make_trainer):
+    counters.clear()
+    torch.manual_seed(0)
+    got = _losses(make_trainer([graph_moe.GraphMoeCallback(inner="aot_eager")]))
+    rewritten, skipped = counters["graph_moe"]["loops_rewritten"], counters["graph_moe"]["loops_skipped"]
+    torch.manual_seed(0)
+    want = _losses(make_trainer([]))
+    assert len(got) == 3
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+    assert rewritten >= 1 and skipped == 0
+
+
+def test_sft_trainer_with_lora_on_the_experts(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    data = datasets.Dataset.from_dict({"text": [_text(12, generator) for _ in range(8)]})
+    _check(lambda callbacks: trl.SFTTrainer(model=build("qwen3_moe"), args=trl.SFTConfig(**_settings(tmp_path)),
+                                            train_dataset=data, processing_class=_tokenizer(), peft_config=_lora(),
+                                            callbacks=callbacks))
+
+
+def test_dpo_trainer_with_the_adapter_disabled_as_reference(tmp_path):
+    generator = torch.Generator().manual_seed(2)
+    data = datasets.Dataset.from_dict({key: [_text(words, generator) for _ in range(8)]
+                                       for key, words in (("prompt", 6), ("chosen", 4), ("rejected", 4))})
+    _check(lambda callbacks: trl.DPOTrainer(model=build("qwen3_moe"), args=trl.DPOConfig(**_settings(tmp_path)),
+                                            train_dataset=data, processing_class=_tokenizer(), peft_config=_lora(),
+                                            callbacks=callbacks))
