@@ -10,13 +10,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("script,inner,flags", [("quickstart.py", "eager", []), ("lora_finetune.py", "aot_eager", []),
-                                                 ("qlora_finetune.py", "aot_eager", ["--whole-4bit-stacks"])])
+                                                 ("qlora_finetune.py", "aot_eager", ["--whole-4bit-stacks"]),
+                                                 ("trainer_finetune.py", "aot_eager", []), ("trl_sft.py", "aot_eager", [])])
 def test_example_runs(script, inner, flags):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", inner,
                            "--steps", "2", *flags], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 1: loss" in proc.stdout
     assert "'loops_rewritten': 0" not in proc.stdout and "loops_rewritten" in proc.stdout
+
+
+def test_generate_example_gives_eager_tokens_with_two_graphs():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "generate.py"), "--inner", "aot_eager",
+                           "--layers", "6", "--new-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 layers: 2 compiled graph(s); tokens equal to eager: True" in proc.stdout
 
 
 def test_unsloth_example_explains_itself_without_unsloth():
