@@ -12,24 +12,13 @@ import tempfile
 
 import datasets
 import torch
-import transformers as tf
 import trl
 from peft import LoraConfig
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 import graph_moe
-from graph_moe.tools.model_zoo import build_model
+from graph_moe.tools.model_zoo import build_model, word_texts, word_tokenizer
 
 VOCAB = 256
-
-
-def word_tokenizer():
-    """A word-level tokenizer over the model's vocabulary: "w0" ... "w252", pad, eos, unk."""
-    words = {f"w{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1}
-    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
-                                      unk_token="<unk>")
 
 
 def main():
@@ -41,13 +30,13 @@ def main():
     cpu = not torch.cuda.is_available()
     model = build_model("qwen3_moe", layers=2, experts=8, top_k=2, hidden=64, intermediate=64, vocab=VOCAB,
                         device="cpu" if cpu else "cuda")
-    texts = [" ".join(f"w{i}" for i in torch.randint(0, VOCAB - 3, (24,)).tolist()) for _ in range(64)]
+    texts = word_texts(64, 24, VOCAB)
     with tempfile.TemporaryDirectory() as out:
         config = trl.SFTConfig(output_dir=out, per_device_train_batch_size=4, max_steps=args.steps, logging_steps=1,
                                learning_rate=1e-3, bf16=True, use_cpu=cpu, report_to=[], save_strategy="no",
                                disable_tqdm=True, max_length=64)
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                                 processing_class=word_tokenizer(),
+                                 processing_class=word_tokenizer(VOCAB),
                                  peft_config=LoraConfig(r=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
                                  callbacks=[graph_moe.GraphMoeCallback(inner=args.inner)])
         trainer.train()

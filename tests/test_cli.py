@@ -17,7 +17,7 @@ def test_help():
 import contextlib, io
 from graph_moe.tools.cli import main
 for command in (["demo"], ["explain"], ["dump"], ["bench"], ["bench", "layer"], ["bench", "compile"], ["bench", "step"],
-                ["bench", "memory"], ["bench", "--compile-time"]):
+                ["bench", "memory"], ["bench", "decode"], ["bench", "sft"], ["bench", "--compile-time"]):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         main([*command, "--help"])
@@ -143,6 +143,40 @@ def test_bench_step_runs_on_the_cpu(tmp_path):
     proc = _run("-m", "graph_moe", "bench", "chart", str(out), "--out", str(chart))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
+
+
+def test_bench_decode_runs_on_the_cpu(tmp_path):
+    """`graph-moe bench decode` at a tiny shape: graph_moe's tokens equal eager's, with the same graphs for every
+    layer (prefill and decode at batch 1, then again once the batch size changes)."""
+    import json
+
+    out = tmp_path / "decode.json"
+    proc = _run("-m", "graph_moe", "bench", "decode", "--layers", "3", "--num-experts", "4", "--top-k", "2",
+                "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--batches", "1", "3", "--prompt", "5",
+                "--new-tokens", "3", "--dtype", "float32", "--device", "cpu", "--inner", "aot_eager", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("graph-moe bench decode --layers 3")
+    runs = {(r["variant"], r["batch"]): r for r in record["runs"]}
+    assert all(r["tokens_equal_first_variant"] for r in record["runs"])
+    assert runs["graph_moe", 1]["graphs_compiled"] == 2 and runs["graph_moe", 3]["graphs_compiled"] <= 4
+    assert runs["graph_moe", 3]["loops_rewritten"] >= 1 and runs["graph_moe", 3]["loops_skipped"] == 0
+
+
+def test_bench_sft_runs_on_the_cpu(tmp_path):
+    """`graph-moe bench sft` at a tiny shape: TRL's SFTTrainer with and without graph_moe, the same losses."""
+    import json
+
+    out = tmp_path / "sft.json"
+    proc = _run("-m", "graph_moe", "bench", "sft", "--layers", "2", "--num-experts", "4", "--top-k", "2", "--hidden",
+                "32", "--intermediate", "32", "--vocab", "64", "--batch", "2", "--length", "16", "--steps", "3",
+                "--warmup", "1", "--inner", "aot_eager", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    peft, ours = record["runs"]
+    assert peft["variant"] == "peft" and ours["variant"] == "graph_moe" and ours["loops_rewritten"] >= 1
+    assert all(abs(a - b) < 2e-2 for a, b in zip(peft["losses"], ours["losses"])) and len(ours["losses"]) == 3
+    assert ours["tokens_per_s"] > 0
 
 
 def test_bench_checks_each_variant_against_its_own_block():

@@ -8,28 +8,18 @@ trl = pytest.importorskip("trl")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-import transformers as tf  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import graph_moe  # noqa: E402
+from graph_moe.tools.model_zoo import word_texts, word_tokenizer  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 VOCAB = 64
 
 
-def _tokenizer():
-    """A word-level tokenizer over the tiny model's vocabulary ("w0" ... "w60"), built here: nothing downloaded."""
-    words = {f"w{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1}
-    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
-                                      unk_token="<unk>")
-
-
 def _text(words, generator):
-    return " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 3, (words,), generator=generator).tolist())
+    return word_texts(1, words, VOCAB, generator)[0]
 
 
 def _settings(tmp_path):
@@ -63,7 +53,7 @@ def test_sft_trainer_with_lora_on_the_experts(tmp_path):
     generator = torch.Generator().manual_seed(1)
     data = datasets.Dataset.from_dict({"text": [_text(12, generator) for _ in range(8)]})
     _check(lambda callbacks: trl.SFTTrainer(model=build("qwen3_moe"), args=trl.SFTConfig(**_settings(tmp_path)),
-                                            train_dataset=data, processing_class=_tokenizer(), peft_config=_lora(),
+                                            train_dataset=data, processing_class=word_tokenizer(VOCAB), peft_config=_lora(),
                                             callbacks=callbacks))
 
 
@@ -72,5 +62,5 @@ def test_dpo_trainer_with_the_adapter_disabled_as_reference(tmp_path):
     data = datasets.Dataset.from_dict({key: [_text(words, generator) for _ in range(8)]
                                        for key, words in (("prompt", 6), ("chosen", 4), ("rejected", 4))})
     _check(lambda callbacks: trl.DPOTrainer(model=build("qwen3_moe"), args=trl.DPOConfig(**_settings(tmp_path)),
-                                            train_dataset=data, processing_class=_tokenizer(), peft_config=_lora(),
+                                            train_dataset=data, processing_class=word_tokenizer(VOCAB), peft_config=_lora(),
                                             callbacks=callbacks))

@@ -17,6 +17,9 @@ SUBCOMMANDS = {
                 "unrolled loop and a dense model, then the recompiles over new sequence lengths (CPU or GPU)"),
     "step": ("bench_step", "a whole model's training step: compiled whole with graph_moe.backend (with and without "
              "shared_block_trace) and with graph_moe.compile, against eager: first step, step, gradients"),
+    "decode": ("bench_decode", "generation with the KV cache: one decode step's time at batch 1-64, graph_moe against "
+               "eager and transformers 5.x's grouped_mm / batched_mm under torch.compile"),
+    "sft": ("bench_sft", "TRL SFTTrainer with LoRA on every expert: tokens per second with and without graph_moe"),
     "chart": ("bench_chart", "a PNG of whole-step times against the peers, from `bench step` records (matplotlib)"),
     "memory": ("bench_memory", "peak GPU memory of one MoE layer's forward+backward, each variant measured alone, and "
                "what is alive at the peak"),

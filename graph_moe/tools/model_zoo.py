@@ -48,3 +48,22 @@ def build_model(family: str = "olmoe", *, dtype=torch.bfloat16, seed: int = 0, d
     config = make_config(family, **sizes)
     model = tf.AutoModelForCausalLM.from_config(config)
     return model.to(device=device, dtype=dtype)
+
+
+def word_tokenizer(vocab: int = 256):
+    """A word-level tokenizer over a `vocab`-token model: words "w0" ... "w{vocab-4}", then pad, eos, unk (built here,
+    nothing downloaded), for trainers that want a tokenizer (TRL)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(vocab - 3)} | {"<pad>": vocab - 3, "<eos>": vocab - 2, "<unk>": vocab - 1}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                      unk_token="<unk>")
+
+
+def word_texts(count: int, words: int, vocab: int = 256, generator: torch.Generator | None = None) -> list[str]:
+    """`count` random texts of `words` words of `word_tokenizer(vocab)`."""
+    ids = torch.randint(0, vocab - 3, (count, words), generator=generator)
+    return [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
