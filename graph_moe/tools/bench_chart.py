@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-LABELS = {"torch_compile": "torch.compile (transformers' own experts)", "graph_moe": "graph_moe.compile",
+LABELS = {"torch_compile": "torch.compile (transformers' own experts)", "eager": "eager (as loaded)", "graph_moe": "graph_moe.compile",
           "backend": "graph_moe.backend", "backend_shared": "graph_moe.backend, shared trace"}
 
 
@@ -28,14 +28,18 @@ def draw(records: list[dict], out: str, title: str | None = None) -> None:
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(2.2 + 2.6 * len(records), 3.6))
     for i, variant in enumerate(variants):
+        labelled = False  # each variant named once in the legend, at its first bar
         for g, record in enumerate(records):
             run = next((r for r in record["runs"] if r["variant"] == variant), None)
             if run is None:
                 continue
             x = g + (i - (len(variants) - 1) / 2) * width
-            bar = ax.bar(x, run["step_ms"], width, color=f"C{i}", label=LABELS.get(variant, variant) if g == 0 else None)
+            bar = ax.bar(x, run["step_ms"], width, color=f"C{i}",
+                         label=None if labelled else LABELS.get(variant, variant))
+            labelled = True
             ax.bar_label(bar, [f"{run['step_ms']:.1f} ms\n(1st {run['first_step_s']:.0f} s)"], fontsize=8)
     ax.set_xticks(range(len(records)), [f"transformers {r['transformers']}\n{r['experts']} experts, {r['tokens']} tokens"
+                                        + ("" if r.get("routing", "uniform") == "uniform" else f"\n{r['routing']} routing")
                                         for r in records], fontsize=8)
     ax.set_ylabel("training step, ms (lower is better)")
     ax.margins(y=0.25)

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurements behind docs/transformers5.md and docs/benchmarks.md's transformers 5.x tables, one phase an
-# argument; each writes its records under $OUT (default: ./gpu_out). Wheels the GPU machine lacks travel in .whl/
-# (tf4: transformers 4.57.6; tf524: transformers 5.24; bnb: bitsandbytes; unsloth), each installed into its own target.
+# The GPU measurements behind docs/benchmarks.md, docs/transformers5.md and the README, one phase an argument; each
+# writes its records under $OUT (default: ./gpu_out). Wheels the GPU machine lacks travel in .whl/ (tf4: transformers
+# 4.57.6; tf524: transformers 5.24; bnb: bitsandbytes; unsloth: Unsloth, TRL, datasets and what they need), each
+# installed into its own target; ../shared/gpu/fetch-wheels on the CPU machine downloads them.
 #   step517 / step524   4 Qwen3-30B-A3B-shaped layers, full fine-tuning, 4096 tokens, the model as loaded:
 #                       torch.compile (transformers' grouped_mm) against graph_moe.compile; machine's 5.17 / 5.24
 #   qlora517            LoRA r=16 on the 3D experts, bf16 experts against NF4 experts (quantize_experts_4bit), peaks
 #   layer_before_after  the layer bench at 4096 tokens on this commit and on the one named by .whl/before.tar
 #   unsloth517          real Unsloth on 5.17: what graph_moe.install reports for its Qwen3-MoE blocks
+#   routing524          the full step at 4096 tokens with skewed routing (zipf, one hot expert) and at 16384 tokens
+#   lora524             LoRA r=16 on every expert: PEFT target_parameters under torch.compile against graph_moe
+#   decode524           a decode step at batch 1, 16, 64: graph_moe against eager and transformers' grouped_mm /
+#                       batched_mm with a static cache (generate compiles them)
+#   sft457              TRL SFTTrainer, LoRA on the experts, tokens per second with and without graph_moe (4.57.6)
+#   chart               docs/step.png from the step records of this run
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -32,6 +39,20 @@ for phase in "$@"; do
       (cd /tmp/before && PYTHONPATH=$tf4:/tmp/before python3 -m graph_moe bench --no-loop --tokens 4096 \
          --json "$out/layer_before.json")
       PYTHONPATH=$(with tf4) python3 -m graph_moe bench layer --no-loop --tokens 4096 --json "$OUT/layer_after.json" ;;
+    routing524)
+      for routing in zipf hot; do PYTHONPATH=$(with bnb tf524) python3 $STEP --experts full --routing $routing \
+        --variants torch_compile graph_moe --json "$OUT/step_full_${routing}_tf524.json"; done
+      PYTHONPATH=$(with bnb tf524) python3 ${STEP/--tokens 4096/--tokens 16384} --experts full \
+        --variants torch_compile graph_moe --json "$OUT/step_full_16k_tf524.json" ;;
+    lora524) PYTHONPATH=$(with bnb tf524) python3 $STEP --experts lora --bf16-adapters \
+               --variants torch_compile graph_moe --json "$OUT/step_lora_tf524.json" ;;
+    decode524) PYTHONPATH=$(with bnb tf524) python3 -m graph_moe bench decode --layers 4 --batches 1 16 64 \
+                 --variants eager graph_moe torch_compile_grouped_mm torch_compile_batched_mm \
+                 --json "$OUT/decode_tf524.json" ;;
+    sft457) PYTHONPATH=$(with bnb unsloth tf4) python3 -m graph_moe bench sft --layers 4 --batch 4 --length 1024 \
+              --json "$OUT/sft_tf457.json" ;;
+    chart) python3 -m graph_moe bench chart "$OUT"/step_full_tf5*.json "$OUT"/step_full_*_tf524.json \
+             --out "$OUT/step.png" ;;
     unsloth517) PYTHONPATH=$(with bnb unsloth) python3 benchmarks/gpu/unsloth_report.py > "$OUT/unsloth_tf517.txt" 2>&1
                 tail -20 "$OUT/unsloth_tf517.txt" ;;
   esac
