@@ -157,7 +157,7 @@ def laid_out_blocks(module: nn.Module) -> list[nn.Module]:
 def watch(model: nn.Module) -> list[nn.Module]:
     """Verify the layouts of `model`'s blocks around each call of `model`, in forward hooks. `torch.compile(model)`
     (and `model.compile()`) runs a module's hooks outside Dynamo and compiles its forward, so Dynamo guards one flag
-    per block instead of its 3 x E facts (torch.compile with graph_moe's backend; the HF Trainer's torch_compile).
+    per block instead of its 3 x E facts (torch.compile with graph_moe's backend; accelerate's dynamo plugin).
     Where the hooks are traced (a module around `model` compiled), they do nothing and Dynamo guards the facts.
     The blocks are found now (graph_moe.install calls this); a block laid out later is left to Dynamo's guards.
     Returns them (no hooks where there are none)."""

@@ -1,7 +1,7 @@
 """Opt-in (`graph_moe.install(model, shared_block_trace=True)`): the MoE blocks of one kind traced once under a
 whole-model torch.compile, through `torch.compiler.nested_compile_region`.
 
-Compiled as one graph (`torch.compile(model, backend=graph_moe.backend)`, the HF Trainer's `torch_compile`,
+Compiled as one graph (`torch.compile(model, backend=graph_moe.backend)`, accelerate's whole-model dynamo plugin,
 `graph_moe.inductor_options()`), a model makes Dynamo trace every layer's expert loop, body by body: about 6 s a
 layer at 128 experts on a 2-core CPU. In a nested compile region, the installed forward is traced once per block kind
 and input metadata, and every layer calls that one subgraph (an `invoke_subgraph` higher-order op, whose body the

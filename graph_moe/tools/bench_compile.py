@@ -17,7 +17,7 @@ Variants (each on a fresh model in a fresh process unless --same-process, Induct
   compiling the loop costs without graph_moe.
 - dense: the same Qwen3-MoE config with every layer a dense MLP (`mlp_only_layers`), compiled per layer.
 - backend: `graph_moe.install` and the whole model compiled as one graph with `graph_moe.backend` (README's second
-  way, and the HF Trainer's `torch_compile_backend="graph_moe"`): Dynamo traces every layer's loop, body by body.
+  way; also what accelerate's whole-model dynamo plugin does): Dynamo traces every layer's loop, body by body.
 - backend_shared: the same with `install(model, shared_block_trace=True)`: the MoE blocks of one kind traced once
   (graph_moe/shared_trace.py).
 

@@ -1,5 +1,5 @@
 """`graph-moe bench step`: a whole model's training step. A Qwen3-30B-A3B-shaped model compiled whole
-(`torch.compile(model, backend=graph_moe.backend)`, as the HF Trainer's `torch_compile` does), with and without
+(`torch.compile(model, backend=graph_moe.backend)`, as accelerate's whole-model dynamo plugin does), with and without
 `install(model, shared_block_trace=True)`, against `graph_moe.compile` and eager: the first step's time (compile),
 the training step after it, and the loss and gradients against eager.
 
