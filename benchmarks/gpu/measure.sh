@@ -47,7 +47,7 @@ for phase in "$@"; do
     lora524) PYTHONPATH=$(with bnb tf524) python3 $STEP --experts lora --bf16-adapters \
                --variants torch_compile graph_moe --json "$OUT/step_lora_tf524.json" ;;
     decode524) PYTHONPATH=$(with bnb tf524) python3 -m graph_moe bench decode --layers 4 --batches 1 16 64 \
-                 --variants eager graph_moe torch_compile_grouped_mm torch_compile_batched_mm \
+                 --variants eager graph_moe graph_moe_reduce_overhead torch_compile_grouped_mm torch_compile_batched_mm \
                  --json "$OUT/decode_tf524.json" ;;
     sft457) PYTHONPATH=$(with bnb unsloth tf4) python3 -m graph_moe bench sft --layers 4 --batch 4 --length 1024 \
               --json "$OUT/sft_tf457.json" ;;

@@ -4,7 +4,9 @@ the time of one decode step (a new token for each of `batch` sequences) after a 
     graph-moe bench decode --layers 4 --batches 1 16 64 --json decode.json
 
 Variants: `eager` (the model as loaded: transformers 4.x's expert loop, or 5.x's grouped_mm), `graph_moe`
-(graph_moe.compile: each layer's attention eager, its MoE block compiled, shared by every layer), and on transformers
+(graph_moe.compile: each layer's attention eager, its MoE block compiled, shared by every layer),
+`graph_moe_reduce_overhead` (the same with mode="reduce-overhead": CUDA graphs, under which the pass emits its
+few-rows grouped GEMM), and on transformers
 5.x `torch_compile_grouped_mm` / `torch_compile_batched_mm` (that experts_implementation, a static cache: generate
 then compiles the forward itself, on a GPU). A decode step's time is (time of 1 + N new tokens - time of 1 new token) / N, greedy, after
 one warm-up generation; the record also says how many graphs each variant compiled and whether its tokens equal
@@ -52,6 +54,8 @@ def prepare(variant: str, base, inner: str):
     model = copy.deepcopy(base)
     if variant == "graph_moe":
         graph_moe.compile(model, inner=inner)
+    elif variant == "graph_moe_reduce_overhead":  # CUDA graphs: the few-rows grouped GEMM kernel where it fits
+        graph_moe.compile(model, inner=inner, mode="reduce-overhead")
     elif variant.startswith("torch_compile_"):
         # as transformers advises for compiled generation: a static cache, with which generate compiles the forward
         # itself (on a GPU)
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     p.add_argument("--variants", nargs="+", default=["eager", "graph_moe"],
-                   choices=["eager", "graph_moe", "torch_compile_grouped_mm", "torch_compile_batched_mm"])
+                   choices=["eager", "graph_moe", "graph_moe_reduce_overhead", "torch_compile_grouped_mm",
+                            "torch_compile_batched_mm"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--inner", default="inductor", help="graph_moe's compiler after the pass (aot_eager: CPU runs)")
