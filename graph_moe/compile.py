@@ -41,8 +41,15 @@ log = logging.getLogger("graph_moe")
 # layer takes 30% less time without it. The backend and the Inductor pass turn it back on for AOTAutograd and
 # Inductor (backend.py, inductor_pass.py); another backend compiled under these settings runs without it (slower
 # to compile, same result).
+# skip_fwd_side_effects_in_bwd_under_checkpoint: transformers 5.25's checkpointed decoder layer sets its
+# output-capturing context variable inside torch.utils.checkpoint, which Dynamo otherwise refuses (a graph break: the
+# layer would run eagerly). That variable only collects forward outputs: not setting it again while the backward
+# recomputes the layer is what checkpointing wants (other forward side effects in a compiled layer are not replayed
+# in the recompute either).
 CAPTURE_SETTINGS = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True, optimize_ddp=False,
                         fake_tensor_cache_enabled=False)
+if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch >= 2.9
+    CAPTURE_SETTINGS["skip_fwd_side_effects_in_bwd_under_checkpoint"] = True
 
 
 def capture_settings():

@@ -137,10 +137,6 @@ def test_other_eager_loops_are_refused():
     assert isinstance(parallel.gate_up_proj, nn.Parameter)
 
 
-@pytest.mark.xfail(version.parse(transformers.__version__) >= version.parse("5.25"), strict=True,
-                   reason="transformers 5.25's checkpointed layer sets its output-capturing context variable, which "
-                          "Dynamo refuses inside torch.utils.checkpoint (graph break: 'HOP: Unsafe side effect'): the "
-                          "layer runs eagerly, with or without graph_moe")
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_checkpointed_layers_rewritten_and_equal(family):
     """Gradient checkpointing: transformers 5 runs each decoder layer under torch.utils.checkpoint, which Dynamo
