@@ -1,6 +1,6 @@
-"""TRL's trainers with graph_moe's Trainer callback, LoRA on every expert projection through `peft_config`:
-SFTTrainer, and DPOTrainer whose reference model is the same model with its adapter disabled. Eager's losses, every
-expert loop rewritten into grouped GEMMs."""
+"""TRL's trainers with graph_moe's Trainer callback, LoRA on every expert projection: SFTTrainer, and DPOTrainer
+whose reference is the same model with its adapter disabled, or a second, named reference adapter. Eager's losses,
+every expert loop rewritten into grouped GEMMs."""
 
 import pytest
 
@@ -64,3 +64,23 @@ def test_dpo_trainer_with_the_adapter_disabled_as_reference(tmp_path):
     _check(lambda callbacks: trl.DPOTrainer(model=build("qwen3_moe"), args=trl.DPOConfig(**_settings(tmp_path)),
                                             train_dataset=data, processing_class=word_tokenizer(VOCAB), peft_config=_lora(),
                                             callbacks=callbacks))
+
+
+def test_dpo_trainer_with_a_reference_adapter(tmp_path):
+    """Two adapters on the experts, the policy trained and a named reference adapter for DPO's reference
+    log-probabilities (`model_adapter_name` / `ref_adapter_name`): TRL switches the active adapter between them."""
+    from peft import get_peft_model
+
+    generator = torch.Generator().manual_seed(3)
+    data = datasets.Dataset.from_dict({key: [_text(words, generator) for _ in range(8)]
+                                       for key, words in (("prompt", 6), ("chosen", 4), ("rejected", 4))})
+
+    def trainer(callbacks):
+        model = get_peft_model(build("qwen3_moe"), _lora(), adapter_name="policy")
+        model.add_adapter("reference", _lora())
+        model.set_adapter("policy")
+        args = trl.DPOConfig(**_settings(tmp_path), model_adapter_name="policy", ref_adapter_name="reference")
+        return trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=word_tokenizer(VOCAB),
+                              callbacks=callbacks)
+
+    _check(trainer)
