@@ -27,6 +27,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model("qwen3_moe", layers=args.layers, experts=8, top_k=2, hidden=64, intermediate=64,
                         dtype=torch.float32, device=device).eval()
+    model.requires_grad_(False)  # inference: the expert weights laid out once, not stacked on every step
     eager = copy.deepcopy(model)
     graph_moe.compile(model, inner=args.inner)
     prompts = torch.randint(0, model.config.vocab_size, (4, 12), device=device)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from graph_moe import layout_check
+from graph_moe.layout import layout_of
 from graph_moe.backend import make_backend
 from graph_moe.families import common
 from graph_moe.install import INSTALLED_MARK, InstallReport, install
@@ -80,6 +81,23 @@ def _with_kv_cache(args, kwargs) -> bool:
     return any(isinstance(value, Cache) for value in (*args, *kwargs.values()))
 
 
+_warned_stacked_per_step = False
+
+
+def _warn_if_stacked_per_step(blocks) -> None:
+    """Once per process: generating with trainable ModuleList experts (a model as loaded) stacks their weights on
+    every decode step, a copy of every expert weight per token."""
+    global _warned_stacked_per_step
+    trainable = any(isinstance(m, nn.ModuleList) and layout_of(owner) is None
+                    and any(p.requires_grad for p in m.parameters())
+                    for block in blocks for owner in block.modules() for m in [owner._modules.get("experts")])
+    if trainable and not _warned_stacked_per_step:
+        _warned_stacked_per_step = True
+        log.warning("graph_moe: generating with trainable expert weights: they are stacked on every step (a copy of "
+                    "every expert weight per token); call model.requires_grad_(False) before graph_moe.compile to lay "
+                    "them out once")
+
+
 def _tokens_dynamic(compiled, hidden, *args, **kwargs):
     """Call `compiled` with the batch and sequence sizes of `hidden` traced as symbols where they exceed 1: prompts of
     every length share one prefill graph (a decode step's sequence size 1 keeps its own)."""
@@ -115,6 +133,7 @@ class _WithCaptureSettings:
             # the experts module, so that routing and experts trace from one input)
             blocks = [child for child in self.region.children()
                       if any(INSTALLED_MARK in m.__dict__ for m in child.modules())]
+            _warn_if_stacked_per_step(blocks)
             self.blocks = [(block, _WithCaptureSettings(torch.compile(block._call_impl, backend=self.backend,
                                                                       **self.compile_kwargs), block,
                                                         self.extra, self.trace_once))

@@ -2,6 +2,7 @@
 grow with the layers (a layer called with a KV cache runs its attention eagerly and its MoE block compiled alone)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -15,19 +16,31 @@ def _generate(model, ids, **kwargs):
     return model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_generating_with_trainable_experts_says_they_are_stacked_per_step(caplog, monkeypatch):
+    monkeypatch.setattr(sys.modules["graph_moe.compile"], "_warned_stacked_per_step", False)  # said once a process
+    model = build("qwen3_moe", dtype=torch.float32).eval()  # as loaded: every weight requires grad
+    reference = copy.deepcopy(model)
+    graph_moe.compile(model, inner="aot_eager")
+    ids = torch.randint(1, 64, (2, 4))
+    with caplog.at_level("WARNING", logger="graph_moe"):
+        torch.testing.assert_close(_generate(model, ids), _generate(reference, ids), rtol=0, atol=0)
+    assert "call model.requires_grad_(False) before graph_moe.compile" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
 def test_generate_gives_eager_tokens_with_graphs_independent_of_depth(family):
     graphs = {}
     for layers in (2, 6):
         torch._dynamo.reset()
         counters.clear()
-        model = build(family, layers=layers, dtype=torch.float32, seed=layers).eval()
+        model = build(family, layers=layers, dtype=torch.float32, seed=layers).eval().requires_grad_(False)
         reference = copy.deepcopy(model)
         graph_moe.compile(model, inner="aot_eager")
         ids = torch.randint(1, 64, (3, 5))
         torch.testing.assert_close(_generate(model, ids), _generate(reference, ids), rtol=0, atol=0)
         graphs[layers] = counters["stats"]["unique_graphs"]
         assert counters["graph_moe"]["loops_rewritten"] >= 1 and counters["graph_moe"]["loops_skipped"] == 0
+        assert counters["graph_moe"]["weight_stacks_per_forward"] == 0  # frozen: laid out once, no copy per token
         # a second prompt of another length compiles nothing more
         _generate(model, torch.randint(1, 64, (3, 9)))
         assert counters["stats"]["unique_graphs"] == graphs[layers]

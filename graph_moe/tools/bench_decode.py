@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device(args.device):
         base = tf.AutoModelForCausalLM.from_config(config, torch_dtype=getattr(torch, args.dtype)).eval()
+    base.requires_grad_(False)  # inference: transformers 4.x experts laid out once, not stacked per step
     record = {**run_facts("decode", argv, args.device), "layers": args.layers, "num_experts": args.num_experts,
               "prompt": args.prompt, "new_tokens": args.new_tokens, "dtype": args.dtype, "runs": []}
     prompts = {b: torch.randint(1, args.vocab, (b, args.prompt), device=args.device) for b in args.batches}
