@@ -12,8 +12,9 @@ bodies are expert 0's reading row e of stacked weights, the regions trace expert
 
 Generation: a decoder layer called with a KV cache indexes the cache by its own `layer_idx`, which Dynamo specializes:
 compiled whole, every layer would compile its own prefill and decode graphs (and a 48-layer model would pass Dynamo's
-recompile limit). Such calls run the layer's attention eagerly and its MoE blocks compiled alone, whose graphs every
-layer shares: one for prefill, one for decode, whatever the number of layers.
+recompile limit). Such calls without grad (generate, evaluation) run the layer's attention eagerly and its MoE blocks
+compiled alone, whose graphs every layer shares: one for prefill, one for decode, whatever the number of layers.
+Training calls that carry a cache (`use_cache` left on) keep the whole layer compiled, with a warning.
 """
 
 from __future__ import annotations
@@ -81,7 +82,18 @@ def _with_kv_cache(args, kwargs) -> bool:
     return any(isinstance(value, Cache) for value in (*args, *kwargs.values()))
 
 
-_warned_stacked_per_step = False
+_warned_stacked_per_step = _warned_training_with_cache = False
+
+
+def _warn_training_with_cache() -> None:
+    """Once per process: a call with grad enabled that carries a KV cache (transformers makes one whenever
+    `use_cache` is on, the config's default) compiles the whole layer, once per layer (its `layer_idx`)."""
+    global _warned_training_with_cache
+    if not _warned_training_with_cache:
+        _warned_training_with_cache = True
+        log.warning("graph_moe: a training call carries a KV cache (use_cache=True, the config's default): each decoder "
+                    "layer compiles its own graph; pass use_cache=False (or set model.config.use_cache = False) to "
+                    "train with one graph for all layers")
 
 
 def _warn_if_stacked_per_step(blocks) -> None:
@@ -122,8 +134,10 @@ class _WithCaptureSettings:
         self.blocks = None  # installed MoE blocks of the region and their own compiled calls, for calls with a KV cache
 
     def __call__(self, *args, **kwargs):
-        if _with_kv_cache(args, kwargs) and not torch.compiler.is_compiling():
-            return self._eager_layer_compiled_blocks(*args, **kwargs)
+        if not torch.compiler.is_compiling() and _with_kv_cache(args, kwargs):
+            if not torch.is_grad_enabled():  # generation, evaluation
+                return self._eager_layer_compiled_blocks(*args, **kwargs)
+            _warn_training_with_cache()
         return self._compiled_call(*args, **kwargs)
 
     def _eager_layer_compiled_blocks(self, *args, **kwargs):
