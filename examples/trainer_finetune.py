@@ -39,6 +39,7 @@ def main():
     cpu = not torch.cuda.is_available()
     model = build_model("qwen3_moe", layers=2, experts=8, top_k=2, hidden=64, intermediate=64,
                         device="cpu" if cpu else "cuda")
+    model.config.use_cache = False  # training builds no KV cache: one compiled graph for all decoder layers
     with tempfile.TemporaryDirectory() as out:
         training = tf.TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                         gradient_checkpointing=True, max_steps=args.steps, logging_steps=1,
