@@ -72,7 +72,6 @@ class TraceOnce:
         self.enabled = enabled
 
 
-_ABSENT = object()
 def _with_kv_cache(args, kwargs) -> bool:
     """Whether a transformers KV cache (`past_key_values` in 4.x, `cache` in late 5.x) is among the arguments."""
     try:
@@ -91,9 +90,9 @@ def _warn_training_with_cache() -> None:
     global _warned_training_with_cache
     if not _warned_training_with_cache:
         _warned_training_with_cache = True
-        log.warning("graph_moe: a training call carries a KV cache (use_cache=True, the config's default): each decoder "
-                    "layer compiles its own graph; pass use_cache=False (or set model.config.use_cache = False) to "
-                    "train with one graph for all layers")
+        log.warning("graph_moe: a training call carries a KV cache (use_cache=True, the config's default): each "
+                    "decoder layer compiles its own graph; pass use_cache=False (or set model.config.use_cache = False) "
+                    "to train with one graph for all layers")
 
 
 def _warn_if_stacked_per_step(blocks) -> None:
@@ -120,6 +119,9 @@ def _tokens_dynamic(compiled, hidden, *args, **kwargs):
     return compiled(hidden, *args, **kwargs)
 
 
+_ABSENT = object()  # an instance attribute that was not there
+
+
 class _WithCaptureSettings:
     """A compiled callable that applies the capture settings (and `extra` Dynamo settings) around each call, and
     checks the grouped layouts of the MoE blocks in `region` in plain Python before it (layout_check.py).
@@ -135,23 +137,28 @@ class _WithCaptureSettings:
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling() and _with_kv_cache(args, kwargs):
-            if not torch.is_grad_enabled():  # generation, evaluation
+            if not torch.is_grad_enabled() and self._compiled_blocks():  # generation, evaluation
                 return self._eager_layer_compiled_blocks(*args, **kwargs)
-            _warn_training_with_cache()
+            if torch.is_grad_enabled():
+                _warn_training_with_cache()
         return self._compiled_call(*args, **kwargs)
 
-    def _eager_layer_compiled_blocks(self, *args, **kwargs):
-        """The region's own forward, eagerly, with each MoE block in it run compiled alone."""
+    def _compiled_blocks(self) -> list:
+        """(block, its own compiled call) for the region's children holding an installed module: the MoE block
+        (transformers 5.x: the block around the experts module, so that routing and experts trace from one input).
+        Empty where the region is an installed block itself."""
         if self.blocks is None:
-            # the region's children holding an installed module: the MoE block (transformers 5.x: the block around
-            # the experts module, so that routing and experts trace from one input)
-            blocks = [child for child in self.region.children()
-                      if any(INSTALLED_MARK in m.__dict__ for m in child.modules())]
+            blocks = [] if INSTALLED_MARK in self.region.__dict__ else [
+                child for child in self.region.children() if any(INSTALLED_MARK in m.__dict__ for m in child.modules())]
             _warn_if_stacked_per_step(blocks)
             self.blocks = [(block, _WithCaptureSettings(torch.compile(block._call_impl, backend=self.backend,
                                                                       **self.compile_kwargs), block,
                                                         self.extra, self.trace_once))
                            for block in blocks]
+        return self.blocks
+
+    def _eager_layer_compiled_blocks(self, *args, **kwargs):
+        """The region's own forward, eagerly, with each MoE block in it run compiled alone."""
         # set on the instances for this call only, and put back as found (Dynamo guards on the attribute's place)
         saved = [(block, block.__dict__.get("_compiled_call_impl", _ABSENT)) for block, _ in self.blocks]
         for block, compiled in self.blocks:

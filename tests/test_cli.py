@@ -153,7 +153,8 @@ def test_bench_decode_runs_on_the_cpu(tmp_path):
     out = tmp_path / "decode.json"
     proc = _run("-m", "graph_moe", "bench", "decode", "--layers", "3", "--num-experts", "4", "--top-k", "2",
                 "--hidden", "32", "--intermediate", "32", "--vocab", "64", "--batches", "1", "3", "--prompt", "5",
-                "--new-tokens", "3", "--dtype", "float32", "--device", "cpu", "--inner", "aot_eager", "--json", str(out))
+                "--new-tokens", "3", "--dtype", "float32", "--device", "cpu", "--inner", "aot_eager",
+                "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["command"].startswith("graph-moe bench decode --layers 3")

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("script,inner,flags", [("quickstart.py", "eager", []), ("lora_finetune.py", "aot_eager", []),
                                                  ("qlora_finetune.py", "aot_eager", ["--whole-4bit-stacks"]),
-                                                 ("trainer_finetune.py", "aot_eager", []), ("trl_sft.py", "aot_eager", [])])
+                                                 ("trainer_finetune.py", "aot_eager", []),
+                                                 ("trl_sft.py", "aot_eager", [])])
 def test_example_runs(script, inner, flags):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--inner", inner,
                            "--steps", "2", *flags], capture_output=True, text=True, timeout=600)

@@ -1,5 +1,5 @@
-"""`generate()` on a model compiled by `graph_moe.compile`: eager's tokens, and a number of compiled graphs that does not
-grow with the layers (a layer called with a KV cache runs its attention eagerly and its MoE block compiled alone)."""
+"""`generate()` on a model compiled by `graph_moe.compile`: eager's tokens, and a number of compiled graphs that does
+not grow with the layers (a layer called with a KV cache runs its attention eagerly, its MoE block compiled alone)."""
 
 import copy
 import sys

@@ -53,8 +53,8 @@ def test_sft_trainer_with_lora_on_the_experts(tmp_path):
     generator = torch.Generator().manual_seed(1)
     data = datasets.Dataset.from_dict({"text": [_text(12, generator) for _ in range(8)]})
     _check(lambda callbacks: trl.SFTTrainer(model=build("qwen3_moe"), args=trl.SFTConfig(**_settings(tmp_path)),
-                                            train_dataset=data, processing_class=word_tokenizer(VOCAB), peft_config=_lora(),
-                                            callbacks=callbacks))
+                                            train_dataset=data, processing_class=word_tokenizer(VOCAB),
+                                            peft_config=_lora(), callbacks=callbacks))
 
 
 def test_dpo_trainer_with_the_adapter_disabled_as_reference(tmp_path):
@@ -62,8 +62,8 @@ def test_dpo_trainer_with_the_adapter_disabled_as_reference(tmp_path):
     data = datasets.Dataset.from_dict({key: [_text(words, generator) for _ in range(8)]
                                        for key, words in (("prompt", 6), ("chosen", 4), ("rejected", 4))})
     _check(lambda callbacks: trl.DPOTrainer(model=build("qwen3_moe"), args=trl.DPOConfig(**_settings(tmp_path)),
-                                            train_dataset=data, processing_class=word_tokenizer(VOCAB), peft_config=_lora(),
-                                            callbacks=callbacks))
+                                            train_dataset=data, processing_class=word_tokenizer(VOCAB),
+                                            peft_config=_lora(), callbacks=callbacks))
 
 
 def test_dpo_trainer_with_a_reference_adapter(tmp_path):

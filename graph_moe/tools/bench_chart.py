@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 
-LABELS = {"torch_compile": "torch.compile (transformers' own experts)", "eager": "eager (as loaded)", "graph_moe": "graph_moe.compile",
+LABELS = {"torch_compile": "torch.compile (transformers' own experts)", "eager": "eager (as loaded)",
+          "graph_moe": "graph_moe.compile",
           "backend": "graph_moe.backend", "backend_shared": "graph_moe.backend, shared trace"}
 
 
@@ -38,9 +39,11 @@ def draw(records: list[dict], out: str, title: str | None = None) -> None:
                          label=None if labelled else LABELS.get(variant, variant))
             labelled = True
             ax.bar_label(bar, [f"{run['step_ms']:.1f} ms\n(1st {run['first_step_s']:.0f} s)"], fontsize=8)
-    ax.set_xticks(range(len(records)), [f"transformers {r['transformers']}\n{r['experts']} experts, {r['tokens']} tokens"
-                                        + ("" if r.get("routing", "uniform") == "uniform" else f"\n{r['routing']} routing")
-                                        for r in records], fontsize=8)
+    def group(r):
+        routing = r.get("routing", "uniform")
+        return (f"transformers {r['transformers']}\n{r['experts']} experts, {r['tokens']} tokens"
+                + ("" if routing == "uniform" else f"\n{routing} routing"))
+    ax.set_xticks(range(len(records)), [group(r) for r in records], fontsize=8)
     ax.set_ylabel("training step, ms (lower is better)")
     ax.margins(y=0.25)
     first = records[0]

@@ -8,8 +8,8 @@ Variants: `eager` (the model as loaded: transformers 4.x's expert loop, or 5.x's
 `graph_moe_reduce_overhead` (the same with mode="reduce-overhead": CUDA graphs, under which the pass emits its
 few-rows grouped GEMM), and on transformers
 5.x `torch_compile_grouped_mm` / `torch_compile_batched_mm` (that experts_implementation, a static cache: generate
-then compiles the forward itself, on a GPU). A decode step's time is (time of 1 + N new tokens - time of 1 new token) / N, greedy, after
-one warm-up generation; the record also says how many graphs each variant compiled and whether its tokens equal
+then compiles the forward itself, on a GPU). A decode step's time is (time of 1 + N new tokens - time of 1 new token)
+/ N, greedy, after one warm-up generation; the record also says how many graphs each variant compiled and whether its tokens equal
 eager's.
 """
 

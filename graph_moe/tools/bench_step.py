@@ -124,8 +124,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["backend", "backend_shared", "graph_moe"],
                    choices=["backend", "backend_shared", "backend_dynamo_guards", "graph_moe",
                             "graph_moe_dynamo_guards", "torch_compile", "eager"],
-                   help="eager: the model as loaded, not compiled (transformers 4.x: the HF expert loop); torch_compile: plain torch.compile(model) of the model as loaded (transformers 5.x: its own "
-                        "grouped_mm experts), the peer; backend: graph_moe.backend on the whole model; backend_shared: the same after "
+                   help="eager: the model as loaded, not compiled (transformers 4.x: the HF expert loop); "
+                        "torch_compile: plain torch.compile(model) of the model as loaded (transformers 5.x: its own "
+                        "grouped_mm experts), the peer; backend: graph_moe.backend on the whole model; "
+                        "backend_shared: the same after "
                         "install(shared_block_trace=True); graph_moe: graph_moe.compile (a region per decoder layer); "
                         "*_dynamo_guards: the layout's per-expert facts guarded by Dynamo instead of checked in plain "
                         "Python around each call (graph_moe/layout_check.py switched off): what that check saves")
