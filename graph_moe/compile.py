@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from graph_moe import layout_check
-from graph_moe.layout import layout_of
 from graph_moe.backend import make_backend
 from graph_moe.families import common
 from graph_moe.install import INSTALLED_MARK, InstallReport, install
+from graph_moe.layout import layout_of
 from graph_moe.passes import RewriteSettings, TraceEveryExpert
 
 log = logging.getLogger("graph_moe")
@@ -72,13 +72,20 @@ class TraceOnce:
         self.enabled = enabled
 
 
-def _with_kv_cache(args, kwargs) -> bool:
-    """Whether a transformers KV cache (`past_key_values` in 4.x, `cache` in late 5.x) is among the arguments."""
+@functools.cache
+def _cache_class() -> type:
+    """transformers' KV cache base class (looked up once: this runs on every decoder-layer call)."""
     try:
         from transformers.cache_utils import Cache
     except ImportError:
-        return False
-    return any(isinstance(value, Cache) for value in (*args, *kwargs.values()))
+        return type(None)  # matches no argument that could be a cache
+    return Cache
+
+
+def _with_kv_cache(args, kwargs) -> bool:
+    """Whether a transformers KV cache (`past_key_values` in 4.x, `cache` in late 5.x) is among the arguments."""
+    cache = _cache_class()
+    return any(isinstance(value, cache) for value in (*args, *kwargs.values()))
 
 
 _warned_stacked_per_step = _warned_training_with_cache = False
@@ -91,18 +98,18 @@ def _warn_training_with_cache() -> None:
     if not _warned_training_with_cache:
         _warned_training_with_cache = True
         log.warning("graph_moe: a training call carries a KV cache (use_cache=True, the config's default): each "
-                    "decoder layer compiles its own graph; pass use_cache=False (or set model.config.use_cache = False) "
-                    "to train with one graph for all layers")
+                    "decoder layer compiles its own graph; pass use_cache=False (or set model.config.use_cache = "
+                    "False) to train with one graph for all layers")
 
 
 def _warn_if_stacked_per_step(blocks) -> None:
     """Once per process: generating with trainable ModuleList experts (a model as loaded) stacks their weights on
     every decode step, a copy of every expert weight per token."""
     global _warned_stacked_per_step
-    trainable = any(isinstance(m, nn.ModuleList) and layout_of(owner) is None
-                    and any(p.requires_grad for p in m.parameters())
-                    for block in blocks for owner in block.modules() for m in [owner._modules.get("experts")])
-    if trainable and not _warned_stacked_per_step:
+    if _warned_stacked_per_step:
+        return
+    owners = [m for block in blocks for m in block.modules() if isinstance(m._modules.get("experts"), nn.ModuleList)]
+    if any(layout_of(m) is None and any(p.requires_grad for p in m.experts.parameters()) for m in owners):
         _warned_stacked_per_step = True
         log.warning("graph_moe: generating with trainable expert weights: they are stacked on every step (a copy of "
                     "every expert weight per token); call model.requires_grad_(False) before graph_moe.compile to lay "
@@ -137,10 +144,10 @@ class _WithCaptureSettings:
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling() and _with_kv_cache(args, kwargs):
-            if not torch.is_grad_enabled() and self._compiled_blocks():  # generation, evaluation
-                return self._eager_layer_compiled_blocks(*args, **kwargs)
             if torch.is_grad_enabled():
                 _warn_training_with_cache()
+            elif self._compiled_blocks():  # generation, evaluation
+                return self._eager_layer_compiled_blocks(*args, **kwargs)
         return self._compiled_call(*args, **kwargs)
 
     def _compiled_blocks(self) -> list:

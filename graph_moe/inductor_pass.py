@@ -149,4 +149,15 @@ def inductor_options(*, settings: RewriteSettings | None = None, then=None,
                                                    on_reports=on_reports)}
 
 
-__all__ = ["GraphMoePass", "inductor_pass", "inductor_options"]
+def add_global_inductor_pass(settings: RewriteSettings | None = None, **rewrite_options) -> None:
+    """Put the graph_moe pass into the global Inductor config, composed with any pass already there (once).
+
+    For stacks that compile with Inductor and options that cannot carry a pass (Unsloth compiles whole decoder layers
+    with a fixed options dict; accelerate's dynamo plugin): the global `pre_grad_custom_pass` is read by every
+    Inductor compile, so an MoE block traced inside their compiled regions is rewritten there too.
+    """
+    settings = RewriteSettings.of(settings, **rewrite_options)
+    torch._inductor.config.pre_grad_custom_pass = inductor_options(settings=settings)["pre_grad_custom_pass"]
+
+
+__all__ = ["GraphMoePass", "inductor_pass", "inductor_options", "add_global_inductor_pass"]

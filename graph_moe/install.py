@@ -25,7 +25,7 @@ from graph_moe.stacked_experts import is_stacked
 
 log = logging.getLogger("graph_moe")
 
-INSTALLED_MARK = _MARK = "_graph_moe_installed"  # instance attribute holding the form label of the replaced loop
+INSTALLED_MARK = "_graph_moe_installed"  # instance attribute holding the form label of the replaced loop
 
 
 @dataclasses.dataclass
@@ -133,7 +133,7 @@ def install(model: nn.Module, *, filter_fn: Callable[[str, nn.Module], bool] | N
             # Someone else (an accelerate hook, Unsloth's grouped forward) owns this instance's forward.
             entry.status = "not supported: forward already replaced on the instance"
         else:
-            setattr(block, _MARK, family.form)
+            setattr(block, INSTALLED_MARK, family.form)
         if entry.status.endswith("installed"):  # newly or already: the forward as asked now
             share = shared_block_trace and can_share(block)
             unshared += shared_block_trace and not share
@@ -219,6 +219,6 @@ def uninstall(model: nn.Module) -> int:
             restored += 1
         elif getattr(block.__dict__.get("forward"), "__func__", None) in WRAPPER_FORWARDS:
             del block.forward  # a PEFT wrapper bound to an installed block's forward
-        if _MARK in block.__dict__:
-            delattr(block, _MARK)
+        if INSTALLED_MARK in block.__dict__:
+            delattr(block, INSTALLED_MARK)
     return restored

@@ -139,3 +139,16 @@ def compile_by(way: str, model, inner: str = "aot_eager"):
         return graph_moe.compile(model, inner=inner)
     graph_moe.install(model)
     return torch.compile(model, backend=make_backend(inner))
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """Token rows for the HF Trainer, each its own label."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}

@@ -47,14 +47,19 @@ def test_generate_gives_eager_tokens_with_graphs_independent_of_depth(family):
     assert graphs[2] == graphs[6] <= 2  # one prefill graph and one decode graph at most
 
 
-def test_a_training_call_with_a_cache_compiles_the_layer_and_says_so(caplog, monkeypatch):
-    monkeypatch.setattr(sys.modules["graph_moe.compile"], "_warned_training_with_cache", False)  # said once a process
+def _compiled_for_training(layers):
+    """A bf16 model compiled by graph_moe (counters and Dynamo's caches cleared), its eager twin, and token ids."""
     counters.clear()
     torch._dynamo.reset()
-    model = build("qwen3_moe", layers=1)
+    model = build("qwen3_moe", layers=layers)
     reference = copy.deepcopy(model)
     graph_moe.compile(model, inner="aot_eager")
-    ids = torch.randint(0, 64, (2, 8))
+    return model, reference, torch.randint(0, 64, (2, 8))
+
+
+def test_a_training_call_with_a_cache_compiles_the_layer_and_says_so(caplog, monkeypatch):
+    monkeypatch.setattr(sys.modules["graph_moe.compile"], "_warned_training_with_cache", False)  # said once a process
+    model, reference, ids = _compiled_for_training(layers=1)
     with caplog.at_level("WARNING", logger="graph_moe"):
         loss = model(input_ids=ids, labels=ids).loss  # use_cache: the config's default, True
     torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids).loss, rtol=2e-2, atol=2e-2)
@@ -63,12 +68,7 @@ def test_a_training_call_with_a_cache_compiles_the_layer_and_says_so(caplog, mon
 
 
 def test_training_calls_still_compile_the_whole_layer():
-    counters.clear()
-    torch._dynamo.reset()
-    model = build("qwen3_moe", layers=2)
-    reference = copy.deepcopy(model)
-    graph_moe.compile(model, inner="aot_eager")
-    ids = torch.randint(0, 64, (2, 8))
+    model, reference, ids = _compiled_for_training(layers=2)
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids, use_cache=False).loss, rtol=2e-2, atol=2e-2)
     # the attention is inside the compiled graph: more than the MoE block's ops

@@ -11,18 +11,8 @@ import transformers as tf
 from torch._dynamo.utils import counters
 
 import graph_moe
+from helpers import TokenRows
 from tiny_models import build
-
-
-class TokenRows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
 def _arguments(out_dir, **extra):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from graph_moe.compile import CAPTURE_SETTINGS
+from graph_moe.inductor_pass import add_global_inductor_pass
 from graph_moe.install import install
-from graph_moe.integrations.unsloth import add_global_inductor_pass
 from graph_moe.passes import RewriteSettings
 
 log = logging.getLogger("graph_moe")

@@ -31,6 +31,7 @@ from torch import nn
 
 from graph_moe.backend import make_backend
 from graph_moe.compile import compile_regions
+from graph_moe.inductor_pass import add_global_inductor_pass
 from graph_moe.install import install
 from graph_moe.passes import RewriteSettings
 
@@ -64,22 +65,6 @@ def _take_over_from_unsloth(model: nn.Module) -> int:
         disable_grouped_moe(model)
         log.info("graph_moe: took over %d MoE block(s) from Unsloth's grouped forward", carried)
     return carried
-
-
-def add_global_inductor_pass(settings: RewriteSettings | None = None, **rewrite_options) -> None:
-    """Put the graph_moe pass into the global Inductor config, composed with any pass already there.
-
-    Unsloth compiles whole decoder layers with Inductor and a fixed options dict that cannot carry a pass; the
-    global `pre_grad_custom_pass` is read by every Inductor compile, Unsloth's included. So an MoE block traced
-    inside one of Unsloth's compiled regions is rewritten there too.
-    """
-    import torch._inductor.config as inductor_config
-
-    from graph_moe.inductor_pass import inductor_options
-
-    # keeps others' passes, once
-    settings = RewriteSettings.of(settings, **rewrite_options)
-    inductor_config.pre_grad_custom_pass = inductor_options(settings=settings)["pre_grad_custom_pass"]
 
 
 def apply(model: nn.Module, *, inner="inductor", options: dict | None = None, global_pass: bool | None = None,

@@ -9,8 +9,8 @@ Variants: `eager` (the model as loaded: transformers 4.x's expert loop, or 5.x's
 few-rows grouped GEMM), and on transformers
 5.x `torch_compile_grouped_mm` / `torch_compile_batched_mm` (that experts_implementation, a static cache: generate
 then compiles the forward itself, on a GPU). A decode step's time is (time of 1 + N new tokens - time of 1 new token)
-/ N, greedy, after one warm-up generation; the record also says how many graphs each variant compiled and whether its tokens equal
-eager's.
+/ N, greedy, after one warm-up generation; the record also says how many graphs each variant compiled and whether
+its tokens equal the first variant's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 import graph_moe
 from graph_moe.tools.bench_record import run_facts
-from graph_moe.tools.model_zoo import make_config
+from graph_moe.tools.model_zoo import add_shape_arguments, shape_config
 
 log = logging.getLogger("graph_moe")
 
@@ -68,12 +68,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="graph-moe bench decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_shape_arguments(p)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="sequences decoded together")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
@@ -87,8 +82,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import transformers as tf
 
-    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k,
-                         hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
+    config = shape_config(args)
     torch.manual_seed(0)
     with torch.device(args.device):
         base = tf.AutoModelForCausalLM.from_config(config, torch_dtype=getattr(torch, args.dtype)).eval()

@@ -22,7 +22,7 @@ import torch
 
 import graph_moe
 from graph_moe.tools.bench_record import run_facts
-from graph_moe.tools.model_zoo import make_config, word_texts, word_tokenizer
+from graph_moe.tools.model_zoo import add_shape_arguments, shape_config, word_texts, word_tokenizer
 
 log = logging.getLogger("graph_moe")
 
@@ -40,12 +40,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="graph-moe bench sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_shape_arguments(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=1024, help="tokens per row")
     p.add_argument("--steps", type=int, default=12)
@@ -63,8 +58,7 @@ def main(argv=None) -> int:
     record = {**run_facts("sft", argv, "cuda" if cuda else "cpu"), "layers": args.layers,
               "num_experts": args.num_experts, "batch": args.batch, "length": args.length, "runs": []}
     texts = word_texts(args.batch * args.steps, args.length - 1, args.vocab, torch.Generator().manual_seed(0))
-    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k,
-                         hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
+    config = shape_config(args)
 
     class StepTimes(tf.TrainerCallback):
         def __init__(self):

@@ -30,7 +30,7 @@ import graph_moe
 from graph_moe import layout_check
 from graph_moe.stacked_adapters import split_stacked
 from graph_moe.tools.bench_record import run_facts
-from graph_moe.tools.model_zoo import make_config
+from graph_moe.tools.model_zoo import add_shape_arguments, shape_config
 from graph_moe.tools.routing import KINDS, skew_routing
 
 log = logging.getLogger("graph_moe")
@@ -41,8 +41,7 @@ def build_model(args, ids):
     so that `ids` are routed as `--routing` says (the shares reached in `args.routing_reached`)."""
     import transformers as tf
 
-    config = make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k,
-                         hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
+    config = shape_config(args)
     if args.qwen3_attention:  # Qwen3-30B-A3B's attention (make_config's 4 heads of hidden / 4 suit tiny models)
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = 32, 4, 128
     torch.manual_seed(0)
@@ -98,13 +97,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="graph-moe bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
+    add_shape_arguments(p)
     p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--num-experts", type=int, default=128)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--experts", choices=["frozen", "lora", "full"], default="lora",
                    help="frozen experts (attention trained), PEFT LoRA r=16 on the experts, or full fine-tuning")

@@ -40,6 +40,23 @@ def make_config(family: str, *, layers=2, experts=8, top_k=2, hidden=64, interme
     raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES} or a config.json path")
 
 
+def add_shape_arguments(parser) -> None:
+    """The benchmarks' model-shape options, Qwen3-30B-A3B's dims by default: --layers --num-experts --top-k --hidden
+    --intermediate --vocab (read back by `shape_config`)."""
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--num-experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=4096)
+
+
+def shape_config(args):
+    """The Qwen3-MoE config of the options `add_shape_arguments` added."""
+    return make_config("qwen3_moe", layers=args.layers, experts=args.num_experts, top_k=args.top_k,
+                       hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
+
+
 def build_model(family: str = "olmoe", *, dtype=torch.bfloat16, seed: int = 0, device="cpu", **sizes):
     """A causal LM of `family` with random weights, in `dtype`, on `device`."""
     import transformers as tf

@@ -16,20 +16,10 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import graph_moe  # noqa: E402
+from helpers import TokenRows  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-class TokenRows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
 def _settings(out_dir):
