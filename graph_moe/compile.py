@@ -158,9 +158,9 @@ class _WithCaptureSettings:
             blocks = [] if INSTALLED_MARK in self.region.__dict__ else [
                 child for child in self.region.children() if any(INSTALLED_MARK in m.__dict__ for m in child.modules())]
             _warn_if_stacked_per_step(blocks)
-            self.blocks = [(block, _WithCaptureSettings(torch.compile(block._call_impl, backend=self.backend,
-                                                                      **self.compile_kwargs), block,
-                                                        self.extra, self.trace_once))
+            self.blocks = [(block, functools.partial(_tokens_dynamic, _WithCaptureSettings(
+                               torch.compile(block._call_impl, backend=self.backend, **self.compile_kwargs), block,
+                               self.extra, self.trace_once)))
                            for block in blocks]
         return self.blocks
 
@@ -169,7 +169,7 @@ class _WithCaptureSettings:
         # set on the instances for this call only, and put back as found (Dynamo guards on the attribute's place)
         saved = [(block, block.__dict__.get("_compiled_call_impl", _ABSENT)) for block, _ in self.blocks]
         for block, compiled in self.blocks:
-            block._compiled_call_impl = functools.partial(_tokens_dynamic, compiled)
+            block._compiled_call_impl = compiled
         try:
             return self.region._call_impl(*args, **kwargs)
         finally:
