@@ -22,18 +22,9 @@ import torch
 
 import graph_moe
 from graph_moe.tools.bench_record import run_facts
-from graph_moe.tools.model_zoo import add_shape_arguments, shape_config, word_texts, word_tokenizer
+from graph_moe.tools.model_zoo import add_shape_arguments, expert_lora_targets, shape_config, word_texts, word_tokenizer
 
 log = logging.getLogger("graph_moe")
-
-
-def lora_on_the_experts(transformers_major: int):
-    from peft import LoraConfig
-
-    if transformers_major >= 5:  # 3D expert parameters
-        return LoraConfig(r=16, target_modules=[], target_parameters=["mlp.experts.gate_up_proj",
-                                                                       "mlp.experts.down_proj"])
-    return LoraConfig(r=16, target_modules=["gate_proj", "up_proj", "down_proj"])
 
 
 def main(argv=None) -> int:
@@ -51,10 +42,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import transformers as tf
     import trl
+    from peft import LoraConfig
     from datasets import Dataset
 
     cuda = torch.cuda.is_available()
-    major = int(tf.__version__.split(".")[0])
     record = {**run_facts("sft", argv, "cuda" if cuda else "cpu"), "layers": args.layers,
               "num_experts": args.num_experts, "batch": args.batch, "length": args.length, "runs": []}
     texts = word_texts(args.batch * args.steps, args.length - 1, args.vocab, torch.Generator().manual_seed(0))
@@ -89,7 +80,8 @@ def main(argv=None) -> int:
                                      save_strategy="no", disable_tqdm=True, max_length=args.length)
             trainer = trl.SFTTrainer(model=model, args=settings, train_dataset=Dataset.from_dict({"text": texts}),
                                      processing_class=word_tokenizer(args.vocab),
-                                     peft_config=lora_on_the_experts(major), callbacks=callbacks)
+                                     peft_config=LoraConfig(r=16, **expert_lora_targets()),
+                                     callbacks=callbacks)
             trainer.train()
         timed = sorted(steps.times[args.warmup:])
         run = {"variant": variant, "first_step_s": steps.times[0], "step_ms": 1e3 * timed[len(timed) // 2],

@@ -30,7 +30,7 @@ import graph_moe
 from graph_moe import layout_check
 from graph_moe.stacked_adapters import split_stacked
 from graph_moe.tools.bench_record import run_facts
-from graph_moe.tools.model_zoo import add_shape_arguments, shape_config
+from graph_moe.tools.model_zoo import add_shape_arguments, expert_lora_targets, shape_config
 from graph_moe.tools.routing import KINDS, skew_routing
 
 log = logging.getLogger("graph_moe")
@@ -54,12 +54,7 @@ def build_model(args, ids):
     if args.experts == "lora":
         from peft import LoraConfig, get_peft_model
 
-        # transformers 5.x holds the experts as 3D parameters: PEFT reaches them through target_parameters
-        if int(tf.__version__.split(".")[0]) >= 5:
-            targets = dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        else:
-            targets = dict(target_modules=["gate_proj", "up_proj", "down_proj"])
-        model = get_peft_model(model, LoraConfig(r=16, init_lora_weights=False, **targets),
+        model = get_peft_model(model, LoraConfig(r=16, init_lora_weights=False, **expert_lora_targets()),
                                autocast_adapter_dtype=not args.bf16_adapters)
         if args.four_bit_experts:  # QLoRA on 5.x: the 3D experts in NF4 under the adapters
             graph_moe.quantize_experts_4bit(model)

@@ -57,6 +57,16 @@ def shape_config(args):
                        hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab)
 
 
+def expert_lora_targets() -> dict:
+    """`LoraConfig` keywords that put LoRA on every expert projection of the installed transformers: its modules on
+    4.x, its 3D expert parameters (PEFT target_parameters) on 5.x."""
+    import transformers as tf
+
+    if int(tf.__version__.split(".")[0]) >= 5:
+        return dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    return dict(target_modules=["gate_proj", "up_proj", "down_proj"])
+
+
 def build_model(family: str = "olmoe", *, dtype=torch.bfloat16, seed: int = 0, device="cpu", **sizes):
     """A causal LM of `family` with random weights, in `dtype`, on `device`."""
     import transformers as tf
