@@ -236,3 +236,13 @@ def test_bench_compiles_the_installed_module():
         torch.testing.assert_close(forward(x), block(x)[0])
         guards[experts] = evaluated_guards(forward.model)
     assert guards[4] > 0 and abs(guards[12] - guards[4]) <= 2, guards
+
+
+def test_bench_records_name_the_commit_of_a_tree_without_git(monkeypatch):
+    from graph_moe.tools.bench_record import current_commit
+
+    monkeypatch.setenv("GIT_DIR", "/nonexistent")  # what a copy of the tree without .git looks like to git
+    monkeypatch.setenv("GRAPH_MOE_COMMIT", "0123abc")
+    assert current_commit() == "0123abc"
+    monkeypatch.delenv("GRAPH_MOE_COMMIT")
+    assert current_commit() == "unknown"
