@@ -54,6 +54,8 @@ def main():
                    help="all: attention and every expert projection; attention: frozen 4-bit experts (where "
                         "Unsloth alone uses its own grouped forward)")
     p.add_argument("--json", default=None, help="write the losses and step times here")
+    p.add_argument("--profile", default=None,
+                   help="after the steps, profile one more and write torch.profiler's table (by GPU time) here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
@@ -96,6 +98,16 @@ def main():
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
         print(f"step {step}: loss {losses[-1]:.5f}, {times[-1] * 1e3:.1f} ms", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
     steady = sorted(times[2:])[len(times[2:]) // 2] if len(times) > 2 else times[-1]
     result = {"graph_moe": not args.no_graph_moe, "losses": losses, "step_s": times, "steady_step_ms": steady * 1e3,
               "counters": graph_moe.counter_snapshot(), "card": torch.cuda.get_device_name(),

@@ -13,6 +13,8 @@
 #   decode524           a decode step at batch 1, 16, 64: graph_moe against eager and transformers' grouped_mm /
 #                       batched_mm with a static cache (generate compiles them)
 #   sft457              TRL SFTTrainer, LoRA on the experts, tokens per second with and without graph_moe (4.57.6)
+#   unsloth_profile457  real Unsloth on 4.57.6, QLoRA with graph_moe: LoRA on attention only against LoRA on every
+#                       expert too, a torch.profiler table of one step of each
 #   chart               docs/step.png from the step records of this run
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -53,6 +55,10 @@ for phase in "$@"; do
               --json "$OUT/sft_tf457.json" ;;
     chart) python3 -m graph_moe bench chart "$OUT"/step_full_tf5*.json "$OUT"/step_full_*_tf524.json \
              --out "$OUT/step.png" ;;
+    unsloth_profile457)
+      for on in attention all; do PYTHONPATH=$(with bnb unsloth tf4) python3 examples/unsloth_qlora.py --steps 5 \
+        --lora-on $on --json "$OUT/unsloth_qlora_${on}_tf457.json" --profile "$OUT/unsloth_qlora_${on}_profile.txt"
+      done ;;
     unsloth517) PYTHONPATH=$(with bnb unsloth) python3 benchmarks/gpu/unsloth_report.py > "$OUT/unsloth_tf517.txt" 2>&1
                 tail -20 "$OUT/unsloth_tf517.txt" ;;
   esac
