@@ -548,8 +548,10 @@ def _four_bit_stack(w: fx.Node):
     if not (w.op == "call_method" and w.target == "view" and len(w.args) == 4 and isinstance(w.args[0], fx.Node)):
         return None
     deq = w.args[0]
-    if deq.target not in (torch.ops.bitsandbytes.dequantize_4bit, torch.ops.bitsandbytes.dequantize_4bit.default) \
-            or len(deq.args) != 6 or deq.kwargs:
+    # Known by name: torch.ops.bitsandbytes exists only once bitsandbytes is imported.
+    packet = getattr(deq.target, "overloadpacket", deq.target)
+    if getattr(packet, "_qualified_op_name", None) != "bitsandbytes::dequantize_4bit" or len(deq.args) != 6 \
+            or deq.kwargs:
         return None
     packed, absmax, blocksize, quant_type, _, dtype = deq.args
     shape = example_value(w).shape

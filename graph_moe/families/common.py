@@ -56,23 +56,39 @@ def range_expert_loop(experts, hidden_states, routing_weights, selected_experts,
     stacks dequantized once per forward, one call per projection).
     """
     final_hidden_states = torch.zeros((hidden_states.shape[0], hidden_states.shape[-1]), dtype=hidden_states.dtype, device=hidden_states.device)
-    stacks = layout.stacks() if layout is not None else None
+    loop = ModuleListLoop(experts, num_experts, layout)
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=num_experts).permute(2, 1, 0)
-    expert_modules = modules_read(experts, layout)
-    once = trace_once(layout, expert_modules)
-    for expert_idx in range(1 if once else num_experts):
+    for expert_idx in range(loop.num_experts):
         idx, top_x = torch.where(expert_mask[expert_idx])
         current_state = hidden_states[top_x]
-        if layout is None:
-            expert_out = expert_modules[expert_idx](current_state)
-        else:
-            expert_out = layout.expert(expert_idx, current_state, expert_modules, stacks)
-        current_hidden_states = expert_out * routing_weights[top_x, idx, None]
+        current_hidden_states = loop.expert(expert_idx, current_state) * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, to_dtype(current_hidden_states, hidden_states.dtype))
-    if once:  # expert 0's body stands for every expert's; the pass groups it over all of them (passes/traced_once.py)
-        return torch.ops.graph_moe.every_expert_as_expert_0(final_hidden_states, num_experts,
-                                                            layout.per_expert_stacks(stacks))
-    return final_hidden_states
+    return loop.result(final_hidden_states)
+
+
+class ModuleListLoop:
+    """What a range loop over ModuleList experts asks of graph_moe, per forward: how many experts to visit (every
+    one, or expert 0 alone, whose body then stands for all: `trace_once`), expert e's output, and the loop's result.
+    Shared by `range_expert_loop` and the loops derived from 4.x blocks' own forwards (transformers4_generic.py)."""
+
+    def __init__(self, experts: nn.ModuleList, num_experts: int, layout=None):
+        self.total, self.layout = num_experts, layout
+        self.stacks = layout.stacks() if layout is not None else None
+        self.modules = modules_read(experts, layout)
+        self.once = trace_once(layout, self.modules)
+        self.num_experts = 1 if self.once else num_experts
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its rows `x`: from slices of the layout's stacks while it is current, else its module."""
+        if self.layout is None:
+            return self.modules[e](x)
+        return self.layout.expert(e, x, self.modules, self.stacks)
+
+    def result(self, accumulator: torch.Tensor) -> torch.Tensor:
+        if self.once:  # expert 0's body stands for every expert's; the pass groups it over all of them (passes/traced_once.py)
+            return torch.ops.graph_moe.every_expert_as_expert_0(accumulator, self.total,
+                                                                self.layout.per_expert_stacks(self.stacks))
+        return accumulator
 
 
 # Set by graph_moe.compile's regions around each call (compile.py): their backend's pass rewrites a loop traced once.
