@@ -238,11 +238,14 @@ def test_bench_compiles_the_installed_module():
     assert guards[4] > 0 and abs(guards[12] - guards[4]) <= 2, guards
 
 
-def test_bench_records_name_the_commit_of_a_tree_without_git(monkeypatch):
+def test_bench_records_name_the_commit_given_else_gits(monkeypatch):
     from graph_moe.tools.bench_record import current_commit
 
-    monkeypatch.setenv("GIT_DIR", "/nonexistent")  # what a copy of the tree without .git looks like to git
-    monkeypatch.setenv("GRAPH_MOE_COMMIT", "0123abc")
+    monkeypatch.delenv("GRAPH_MOE_COMMIT", raising=False)
+    head = current_commit()
+    assert len(head) == 40 or head == "unknown"  # a checkout, or a copy without .git
+    monkeypatch.setenv("GRAPH_MOE_COMMIT", "0123abc")  # named where the tree was copied: it wins over any .git
     assert current_commit() == "0123abc"
+    monkeypatch.setenv("GIT_DIR", "/nonexistent")  # what a copy of the tree without .git looks like to git
     monkeypatch.delenv("GRAPH_MOE_COMMIT")
     assert current_commit() == "unknown"

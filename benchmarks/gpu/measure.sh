@@ -16,8 +16,13 @@
 #   unsloth_profile457  real Unsloth on 4.57.6, QLoRA with graph_moe: LoRA on attention only against LoRA on every
 #                       expert too, a torch.profiler table of one step of each
 #   chart               docs/step.png from the step records of this run
+# The records name the commit of $GRAPH_MOE_COMMIT where set (the tree copied to a GPU machine may carry no .git, or a
+# stale one): run as `GRAPH_MOE_COMMIT=<hash> bash benchmarks/gpu/measure.sh ...`.
+# Results and each phase's log gather in $RESULTS; after every phase $OUT/results.tar holds them all (one file: a
+# machine that returns few files, or a run cut off by its time limit, still returns what is done).
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+FINAL=$OUT; OUT=${RESULTS:-/tmp/gpu_results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 site() { local dir=/tmp/site_$1; if [ ! -d "$dir" ]; then mkdir -p "$dir"
   ls .whl/$1/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target "$dir" .whl/$1/*.whl
@@ -26,6 +31,7 @@ with() { local path=$PWD; for s in "$@"; do path=$(site "$s"):$path; done; echo 
 STEP="-m graph_moe bench step --layers 4 --tokens 4096 --qwen3-attention --steps 5"
 for phase in "$@"; do
   echo "=== $phase"
+  exec 3>&1 4>&2 > >(tee "$OUT/$phase.log") 2>&1
   case $phase in
     step517) PYTHONPATH=$(with bnb) python3 $STEP --experts full --variants torch_compile graph_moe \
                --json "$OUT/step_full_tf517.json" ;;
@@ -62,4 +68,6 @@ for phase in "$@"; do
     unsloth517) PYTHONPATH=$(with bnb unsloth) python3 benchmarks/gpu/unsloth_report.py > "$OUT/unsloth_tf517.txt" 2>&1
                 tail -20 "$OUT/unsloth_tf517.txt" ;;
   esac
+  exec 1>&3 2>&4
+  tar cf "$FINAL/results.tar" -C "$OUT" .
 done

@@ -49,7 +49,7 @@ def draw(records: list[dict], out: str, title: str | None = None) -> None:
     first = records[0]
     ax.set_title(title or f"{first['layers']} Qwen3-30B-A3B-shaped layers, {first['card']}, torch {first['torch']}",
                  fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)  # below the bars' labels
     fig.tight_layout()
     fig.savefig(out, dpi=130)
 

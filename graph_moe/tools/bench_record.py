@@ -13,15 +13,18 @@ import torch
 
 
 def current_commit() -> str:
-    """`git rev-parse HEAD` of the checkout graph_moe runs from; else $GRAPH_MOE_COMMIT (a copy of the tree without
-    .git, as on a benchmark machine, names its commit there); else "unknown" (an installed wheel, no git)."""
-    fallback = os.environ.get("GRAPH_MOE_COMMIT", "unknown")
+    """$GRAPH_MOE_COMMIT where set (a copy of the tree on a benchmark machine names its commit so: a `.git` there may be
+    missing or stale); else `git rev-parse HEAD` of the checkout graph_moe runs from; else "unknown" (an installed
+    wheel, no git)."""
+    named = os.environ.get("GRAPH_MOE_COMMIT")
+    if named:
+        return named
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return fallback
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else fallback
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def card_name(device: str | None = None) -> str:
