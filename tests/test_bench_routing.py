@@ -24,10 +24,11 @@ def _routed_shares(model, ids):
     return found
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the routers hold the fitted column
 @pytest.mark.parametrize("kind", ["zipf", "hot"])
-def test_skewed_routing_reaches_its_target(kind):
+def test_skewed_routing_reaches_its_target(kind, dtype):
     model = build_model("qwen3_moe", layers=2, experts=32, top_k=4, hidden=64, intermediate=32, vocab=128,
-                        dtype=torch.float32)
+                        dtype=dtype)
     ids = torch.randint(0, 128, (1, 2048))
     reached = skew_routing(model, ids, kind)
     target = target_shares(kind, 32, 4)

@@ -51,14 +51,20 @@ def skew_routing(model, ids: torch.Tensor, kind: str, *, iterations: int = 300) 
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         weight = router.weight
         target = target_shares(kind, weight.shape[0], top_k).to(x.device)
-        logits, column = x @ weight.float().T, x[:, :1]
+        logits, column, start = x @ weight.float().T, x[:, :1], weight[:, 0].float()
+
+        def held(change):
+            # The column as the router will hold it, in its dtype, minus what it was. Centred: a change common to
+            # every expert moves no token's top-k or softmax, and would only make a bf16 column coarser.
+            return (start + change - change.mean()).to(weight.dtype).float() - start
+
         # the change of weight[:, 0], found by sign steps that shrink (as DeepSeek-V3 balances its routing bias)
         change = torch.zeros(weight.shape[0], device=x.device)
         step = logits.std() / column.mean()
         for _ in range(iterations):
-            change += step * torch.sign(target - shares(logits + column * change, top_k))
+            change += step * torch.sign(target - shares(logits + column * held(change), top_k))
             step *= 0.97
-        weight[:, 0] += change.to(weight.dtype)
+        weight[:, 0] += held(change).to(weight.dtype)
         got = shares(x @ weight.float().T, top_k)
         reached.append({"hottest_share": got.max().item(), "hottest_over_mean": (got.max() / got.mean()).item()})
 
