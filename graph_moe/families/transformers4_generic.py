@@ -59,9 +59,7 @@ from graph_moe.families.loop_syntax import (LOOP, Refused, check_independent, de
                                             text)
 from graph_moe.layout import usable_layout
 
-_DERIVED: dict[type, Callable] = {}  # block class -> its derived forward; filled by `derives`
-_REFUSED: dict[type, str | None] = {}  # block class -> why not (None: its loop is a range loop already)
-_SOURCE: dict[type, Callable] = {}  # block class -> the class forward its entry above comes from
+_DERIVED: dict[type, Callable] = {}  # block class -> its derived forward, for `block_forward`; kept by `derives`
 
 
 def block_forward(self, *args, **kwargs):
@@ -84,26 +82,21 @@ def _derived_for(block):
 
 
 def derives(cls: type) -> bool:
-    """Whether `cls` gets a forward derived from its own (derived on the first ask, and again if the class forward
-    was replaced since)."""
-    if _SOURCE.get(cls) is not cls.forward:
-        _SOURCE[cls] = cls.forward
+    """Whether `cls` gets a forward derived from its own (derived once per class forward: a class forward replaced
+    since is derived anew)."""
+    derived = derive_block_forward(cls.forward)
+    if callable(derived):
+        _DERIVED[cls] = derived
+    else:
         _DERIVED.pop(cls, None)
-        _REFUSED.pop(cls, None)
-        derived = derive_block_forward(cls.forward)
-        if callable(derived):
-            _DERIVED[cls] = derived
-        else:
-            _REFUSED[cls] = derived
-    return cls in _DERIVED
+    return callable(derived)
 
 
 def refusal(cls: type) -> str | None:
     """Why `cls` gets no derived forward, for the report; None when it gets one, or when its loop iterates
     `range(...)` already (nothing to derive)."""
-    derives(cls)
-    why = _REFUSED.get(cls)
-    return f"{cls.__name__}'s expert loop cannot become a range loop: {why}" if why else None
+    why = derive_block_forward(cls.forward)
+    return f"{cls.__name__}'s expert loop cannot become a range loop: {why}" if isinstance(why, str) else None
 
 
 class _RangeAlready(Refused):
