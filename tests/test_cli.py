@@ -145,6 +145,26 @@ def test_bench_step_runs_on_the_cpu(tmp_path):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
 
 
+def test_bench_step_records_a_failing_variant_and_measures_the_rest(tmp_path):
+    """A variant that raises (here graph_moe with an inner compiler that does not exist) is recorded with its error,
+    the variants after it still run, the chart leaves it out, and the command exits with status 1."""
+    import json
+
+    out = tmp_path / "step.json"
+    proc = _run("-m", "graph_moe", "bench", "step", "--layers", "1", "--num-experts", "4", "--top-k", "2", "--hidden",
+                "32", "--intermediate", "32", "--vocab", "64", "--tokens", "16", "--device", "cpu", "--inner",
+                "no_such_compiler", "--experts", "full", "--variants", "graph_moe", "eager", "--steps", "1",
+                "--json", str(out))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed, eager = json.loads(out.read_text())["runs"]
+    assert failed["variant"] == "graph_moe" and "no_such_compiler" in failed["error"] and "step_ms" not in failed
+    assert eager["variant"] == "eager" and eager["step_ms"] > 0 and eager["max_grad_rel_err"] == 0
+    assert "| graph_moe | failed: ValueError" in proc.stdout and "graph_moe failed" in proc.stderr
+    chart = tmp_path / "step.png"
+    proc = _run("-m", "graph_moe", "bench", "chart", str(out), "--out", str(chart))
+    assert proc.returncode == 0 and chart.exists(), proc.stderr[-3000:]
+
+
 def test_bench_decode_runs_on_the_cpu(tmp_path):
     """`graph-moe bench decode` at a tiny shape: graph_moe's tokens equal eager's, with the same graphs for every
     layer (prefill and decode at batch 1, then again once the batch size changes)."""

@@ -31,8 +31,8 @@ def draw(records: list[dict], out: str, title: str | None = None) -> None:
     for i, variant in enumerate(variants):
         labelled = False  # each variant named once in the legend, at its first bar
         for g, record in enumerate(records):
-            run = next((r for r in record["runs"] if r["variant"] == variant), None)
-            if run is None:
+            run = next((r for r in record["runs"] if r["variant"] == variant and "error" not in r), None)
+            if run is None:  # not run, or failed
                 continue
             x = g + (i - (len(variants) - 1) / 2) * width
             bar = ax.bar(x, run["step_ms"], width, color=f"C{i}",

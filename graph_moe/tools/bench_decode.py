@@ -25,7 +25,7 @@ import time
 import torch
 
 import graph_moe
-from graph_moe.tools.bench_record import run_facts
+from graph_moe.tools.bench_record import failed, failed_run, run_facts
 from graph_moe.tools.model_zoo import add_shape_arguments, shape_config
 
 log = logging.getLogger("graph_moe")
@@ -92,28 +92,38 @@ def main(argv=None) -> int:
     prompts = {b: torch.randint(1, args.vocab, (b, args.prompt), device=args.device) for b in args.batches}
     expected = {}
     for variant in args.variants:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        model = prepare(variant, base, args.inner)
-        for batch in args.batches:
-            start = time.perf_counter()
-            _generate(model, prompts[batch], 2)  # warm-up: compiles prefill and decode
-            warm = time.perf_counter() - start
-            one, _ = _timed(model, prompts[batch], 1, args.device)
-            many, tokens = _timed(model, prompts[batch], 1 + args.new_tokens, args.device)
-            expected.setdefault(batch, tokens)
-            run = {"variant": variant, "batch": batch, "first_call_s": warm,
-                   "decode_step_ms": 1e3 * (many - one) / args.new_tokens,
-                   "tokens_equal_first_variant": bool(torch.equal(tokens, expected[batch])),
-                   "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-                   **graph_moe.counter_snapshot()}
-            record["runs"].append(run)
-            log.info("%s", json.dumps(run))
+        try:
+            measure(variant, base, prompts, expected, record, args)
+        except Exception as error:  # noqa: BLE001  (recorded; the other variants still run)
+            record["runs"].append(failed_run(variant, error))
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=1)
-        del model
     print(table(record))
-    return 0
+    return int(failed(record))
+
+
+def measure(variant: str, base, prompts: dict, expected: dict, record: dict, args) -> None:
+    """`variant`'s decode step at each batch, appended to `record` (and its JSON) batch by batch; the first variant's
+    tokens become `expected`."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = prepare(variant, base, args.inner)
+    for batch in args.batches:
+        start = time.perf_counter()
+        _generate(model, prompts[batch], 2)  # warm-up: compiles prefill and decode
+        warm = time.perf_counter() - start
+        one, _ = _timed(model, prompts[batch], 1, args.device)
+        many, tokens = _timed(model, prompts[batch], 1 + args.new_tokens, args.device)
+        expected.setdefault(batch, tokens)
+        run = {"variant": variant, "batch": batch, "first_call_s": warm,
+               "decode_step_ms": 1e3 * (many - one) / args.new_tokens,
+               "tokens_equal_first_variant": bool(torch.equal(tokens, expected[batch])),
+               "graphs_compiled": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+               **graph_moe.counter_snapshot()}
+        record["runs"].append(run)
+        log.info("%s", json.dumps(run))
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 def table(record: dict) -> str:
@@ -122,6 +132,9 @@ def table(record: dict) -> str:
              "| variant | batch | decode step, ms | first call, s | graphs | tokens = first variant's |",
              "|---|---|---|---|---|---|"]
     for r in record["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | | failed: {r['error'].splitlines()[0][:100]} | | | |")
+            continue
         lines.append(f"| {r['variant']} | {r['batch']} | {r['decode_step_ms']:.2f} | {r['first_call_s']:.1f} | "
                      f"{r['graphs_compiled']} | {r['tokens_equal_first_variant']} |")
     return "\n".join(lines)

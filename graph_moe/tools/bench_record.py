@@ -5,11 +5,14 @@ kind and between commits; a number without these facts cannot be compared or rep
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import shlex
 import subprocess
 
 import torch
+
+log = logging.getLogger("graph_moe")
 
 
 def current_commit() -> str:
@@ -46,3 +49,18 @@ def run_facts(subcommand: str, argv: list[str], device: str | None = None) -> di
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "card": card_name(device), "torch": torch.__version__, "transformers": transformers_version,
             "command": shlex.join(["graph-moe", "bench", subcommand, *argv])}
+
+
+def failed_run(variant: str, error: BaseException, **where) -> dict:
+    """The record of a variant that raised, in place of its numbers: the error, logged with its traceback. A bench
+    measures its other variants after it (one failure on a benchmark machine must not cost the rest of the run),
+    and exits with status 1."""
+    log.error("graph-moe bench: %s failed", variant, exc_info=error)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"variant": variant, **where, "error": f"{type(error).__name__}: {error}"[:2000]}
+
+
+def failed(record: dict) -> bool:
+    """Whether any run of `record` failed (see failed_run)."""
+    return any("error" in run for run in record["runs"])

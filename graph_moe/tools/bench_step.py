@@ -29,7 +29,7 @@ import torch
 import graph_moe
 from graph_moe import layout_check
 from graph_moe.stacked_adapters import split_stacked
-from graph_moe.tools.bench_record import run_facts
+from graph_moe.tools.bench_record import failed, failed_run, run_facts
 from graph_moe.tools.model_zoo import add_shape_arguments, expert_lora_targets, shape_config
 from graph_moe.tools.routing import KINDS, skew_routing
 
@@ -142,69 +142,78 @@ def main(argv=None) -> int:
                "optimizer": None if args.no_optimizer else "AdamW", "eager_loss": reference_loss.item(), "runs": []}
     del eager
     for variant in args.variants:
-        torch._dynamo.reset()
-        graph_moe.report.reset_counters()
-        patches = contextlib.ExitStack()  # patches applied now, undone after the variant
-        if variant.endswith("_dynamo_guards"):  # no plain-Python layout check: the traced forward guards the facts
-            patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
-            patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
-        before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        model = copy.deepcopy(base)
-        if variant == "eager":
-            call = model
-        elif variant == "torch_compile":
-            call = torch.compile(model)
-        elif variant.startswith("graph_moe"):
-            graph_moe.compile(model, inner=args.inner)
-            call = model
-        else:
-            graph_moe.install(model, shared_block_trace=variant == "backend_shared")
-            call = torch.compile(model, backend=graph_moe.make_backend(args.inner))
-        start = time.perf_counter()
-        with graph_moe.capture_settings(), patches:
-            loss = train_step(call, ids)
-            first = time.perf_counter() - start
-            got = grads(model)
-            optimizer = make_optimizer(model, args)
-            if optimizer is not None:
-                optimizer.step()
-            errors = {n: ((got[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in reference.items()}
-            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-            times = []
-            for _ in range(args.steps):
-                model.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                train_step(call, ids, optimizer)
-                times.append(time.perf_counter() - start)
-            if args.profile:
-                os.makedirs(args.profile, exist_ok=True)
-                with torch.profiler.profile() as prof:
-                    for _ in range(2):
-                        model.zero_grad(set_to_none=True)
-                        train_step(call, ids, optimizer)
-                with open(os.path.join(args.profile, f"{variant}.txt"), "w") as f:
-                    for key in ("self_cuda_time_total", "self_cpu_time_total"):
-                        f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
-        run = {"variant": variant, "first_step_s": first, "step_ms": 1e3 * sorted(times)[len(times) // 2],
-               # the variant's own peak: its copy of the model, activations, gradients (the shared base excluded)
-               "peak_memory_gb": (torch.cuda.max_memory_allocated() - before) / 1e9 if args.device == "cuda" else None,
-               "loss": loss.item(), "grads_compared": len(errors), "missing_grads": sorted(set(reference) - set(got)),
-               "graphs_compiled_after_first_step": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
-               "max_grad_rel_err": max(errors.values()),
-               # the five worst: (name, relative error, eager's gradient norm)
-               "worst_grads": [(n, errors[n], reference[n].norm().item())
-                               for n in sorted(errors, key=errors.get)[-5:]],
-               "median_grad_rel_err": sorted(errors.values())[len(errors) // 2],
-               **graph_moe.counter_snapshot()}
+        try:
+            run = measure(variant, base, ids, reference, args)
+        except Exception as error:  # noqa: BLE001  (recorded; the other variants still run)
+            run = failed_run(variant, error)
         results["runs"].append(run)
         log.info("%s", json.dumps(run))
-        del model, call, optimizer
         with open(args.json, "w") as f:  # kept after every variant: a run stopped early keeps what it measured
             json.dump(results, f, indent=1)
     print(table(results))
-    return 0
+    return int(failed(results))
+
+
+def measure(variant: str, base, ids, reference: dict, args) -> dict:
+    """One variant's run on its own copy of `base`: first step, median step, peak memory, loss and gradients against
+    eager's (`reference`)."""
+    torch._dynamo.reset()
+    graph_moe.report.reset_counters()
+    patches = contextlib.ExitStack()  # patches applied now, undone after the variant
+    if variant.endswith("_dynamo_guards"):  # no plain-Python layout check: the traced forward guards the facts
+        patches.enter_context(mock.patch.object(layout_check, "verify", lambda block: False))
+        patches.enter_context(mock.patch.object(layout_check, "watch", lambda model: None))
+    before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = copy.deepcopy(base)
+    if variant == "eager":
+        call = model
+    elif variant == "torch_compile":
+        call = torch.compile(model)
+    elif variant.startswith("graph_moe"):
+        graph_moe.compile(model, inner=args.inner)
+        call = model
+    else:
+        graph_moe.install(model, shared_block_trace=variant == "backend_shared")
+        call = torch.compile(model, backend=graph_moe.make_backend(args.inner))
+    start = time.perf_counter()
+    with graph_moe.capture_settings(), patches:
+        loss = train_step(call, ids)
+        first = time.perf_counter() - start
+        got = grads(model)
+        optimizer = make_optimizer(model, args)
+        if optimizer is not None:
+            optimizer.step()
+        errors = {n: ((got[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in reference.items()}
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        times = []
+        for _ in range(args.steps):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            train_step(call, ids, optimizer)
+            times.append(time.perf_counter() - start)
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            with torch.profiler.profile() as prof:
+                for _ in range(2):
+                    model.zero_grad(set_to_none=True)
+                    train_step(call, ids, optimizer)
+            with open(os.path.join(args.profile, f"{variant}.txt"), "w") as f:
+                for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                    f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+    run = {"variant": variant, "first_step_s": first, "step_ms": 1e3 * sorted(times)[len(times) // 2],
+           # the variant's own peak: its copy of the model, activations, gradients (the shared base excluded)
+           "peak_memory_gb": (torch.cuda.max_memory_allocated() - before) / 1e9 if args.device == "cuda" else None,
+           "loss": loss.item(), "grads_compared": len(errors), "missing_grads": sorted(set(reference) - set(got)),
+           "graphs_compiled_after_first_step": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+           "max_grad_rel_err": max(errors.values()),
+           # the five worst: (name, relative error, eager's gradient norm)
+           "worst_grads": [(n, errors[n], reference[n].norm().item())
+                           for n in sorted(errors, key=errors.get)[-5:]],
+           "median_grad_rel_err": sorted(errors.values())[len(errors) // 2],
+           **graph_moe.counter_snapshot()}
+    return run
 
 
 def table(results: dict) -> str:
@@ -216,6 +225,9 @@ def table(results: dict) -> str:
              "graphs after step 1 |",
              "|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'].splitlines()[0][:100]} | | | | | |")
+            continue
         peak = f"{r['peak_memory_gb']:.1f}" if r.get("peak_memory_gb") is not None else "-"
         lines.append(f"| {r['variant']} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | {peak} | {r['loss']:.5f} | "
                      f"{r['median_grad_rel_err']:.3g} | {r['graphs_compiled_after_first_step']} |")
