@@ -137,6 +137,7 @@ def test_bench_step_runs_on_the_cpu(tmp_path):
         assert run["loops_rewritten"] >= 1 and run["loops_skipped"] == 0
         assert not run["missing_grads"] and run["grads_compared"] > 0
         assert abs(run["loss"] - record["eager_loss"]) < 1e-2
+        assert run["warmup_steps"] >= 1 and run["graphs_compiled_while_timed"] == 0  # timed once compiled
     assert "| graph_moe |" in proc.stdout
     # the chart of the published step numbers, drawn from such records
     chart = tmp_path / "step.png"
