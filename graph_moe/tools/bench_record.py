@@ -51,14 +51,12 @@ def run_facts(subcommand: str, argv: list[str], device: str | None = None) -> di
             "command": shlex.join(["graph-moe", "bench", subcommand, *argv])}
 
 
-def failed_run(variant: str, error: BaseException, **where) -> dict:
+def failed_run(variant: str, error: BaseException) -> dict:
     """The record of a variant that raised, in place of its numbers: the error, logged with its traceback. A bench
     measures its other variants after it (one failure on a benchmark machine must not cost the rest of the run),
     and exits with status 1."""
     log.error("graph-moe bench: %s failed", variant, exc_info=error)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return {"variant": variant, **where, "error": f"{type(error).__name__}: {error}"[:2000]}
+    return {"variant": variant, "error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 def failed(record: dict) -> bool:
